@@ -39,11 +39,11 @@ macro_rules! ggml_types {
 ggml_types! {
     F32     = 0,  "F32",     1,   4,   Some(blocks::float::dequantize_f32),   Some(blocks::float::quantize_f32);
     F16     = 1,  "F16",     1,   2,   Some(blocks::float::dequantize_f16),   Some(blocks::float::quantize_f16);
-    Q4_0    = 2,  "Q4_0",    32,  18,  Some(blocks::q4_0::dequantize),        None;
-    Q4_1    = 3,  "Q4_1",    32,  20,  Some(blocks::q4_1::dequantize),        None;
-    Q5_0    = 6,  "Q5_0",    32,  22,  Some(blocks::q5_0::dequantize),        None;
-    Q5_1    = 7,  "Q5_1",    32,  24,  Some(blocks::q5_1::dequantize),        None;
-    Q8_0    = 8,  "Q8_0",    32,  34,  Some(blocks::q8_0::dequantize),        None;
+    Q4_0    = 2,  "Q4_0",    32,  18,  Some(blocks::q4_0::dequantize),        Some(blocks::q4_0::quantize);
+    Q4_1    = 3,  "Q4_1",    32,  20,  Some(blocks::q4_1::dequantize),        Some(blocks::q4_1::quantize);
+    Q5_0    = 6,  "Q5_0",    32,  22,  Some(blocks::q5_0::dequantize),        Some(blocks::q5_0::quantize);
+    Q5_1    = 7,  "Q5_1",    32,  24,  Some(blocks::q5_1::dequantize),        Some(blocks::q5_1::quantize);
+    Q8_0    = 8,  "Q8_0",    32,  34,  Some(blocks::q8_0::dequantize),        Some(blocks::q8_0::quantize);
     Q8_1    = 9,  "Q8_1",    32,  36,  None,                                  None;
     Q2_K    = 10, "Q2_K",    256, 84,  Some(blocks::q2_k::dequantize),        None;
     Q3_K    = 11, "Q3_K",    256, 110, Some(blocks::q3_k::dequantize),        None;

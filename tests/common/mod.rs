@@ -1,0 +1,89 @@
+//! Shared helpers for the integration tests: locating fixtures and running the `qforge` binary.
+//!
+//! Real-model fixtures live in `$QFORGE_FIXTURES` (default `target/fixtures`, filled by
+//! `scripts/fetch-fixtures.sh`); larger shared text in `$QFORGE_SHARED_DATA` (default `../shared/data`).
+//! Outside CI a missing file skips the test with a message; under `CI=true` it fails the test.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub const FIXTURE_MODEL: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+fn project_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
+fn require(path: PathBuf, how_to_get_it: &str) -> Option<PathBuf> {
+    if path.exists() {
+        return Some(path);
+    }
+    let msg = format!("{} is missing ({how_to_get_it})", path.display());
+    if in_ci() {
+        panic!("{msg}");
+    }
+    eprintln!("SKIPPED: {msg}");
+    None
+}
+
+/// The SmolLM2-135M-Instruct Q4_1 GGUF.
+pub fn fixture_model() -> Option<PathBuf> {
+    let dir = std::env::var_os("QFORGE_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| project_root().join("target/fixtures"));
+    require(dir.join(FIXTURE_MODEL), "run scripts/fetch-fixtures.sh")
+}
+
+/// A file under the shared data directory, e.g. `wikitext-2/valid.txt`.
+pub fn shared_data(relative: &str) -> Option<PathBuf> {
+    let dir = std::env::var_os("QFORGE_SHARED_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| project_root().join("../shared/data"));
+    require(dir.join(relative), "set QFORGE_SHARED_DATA to the shared data directory")
+}
+
+/// A committed test-data file under `tests/data`.
+pub fn test_data(relative: &str) -> PathBuf {
+    project_root().join("tests/data").join(relative)
+}
+
+pub fn qforge(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_qforge"))
+        .args(args)
+        .arg("--quiet")
+        .output()
+        .expect("qforge binary runs")
+}
+
+/// Runs qforge, panicking with its stderr when it fails.
+pub fn qforge_ok(args: &[&str]) -> String {
+    let out = qforge(args);
+    assert!(out.status.success(), "qforge {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).expect("utf-8 output")
+}
+
+/// Asserts a clean failure: exit code 2, one `error:` line naming `path`, and the message containing
+/// `problem`.
+pub fn assert_clean_failure(out: &Output, path: &Path, problem: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected one error line, got: {stderr}");
+    assert!(lines[0].starts_with("error: "), "{stderr}");
+    assert!(lines[0].contains(&path.display().to_string()), "error does not name {}: {stderr}", path.display());
+    assert!(lines[0].to_lowercase().contains(&problem.to_lowercase()), "error does not say {problem:?}: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+/// Names of the entries in `dir`.
+pub fn dir_entries(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
