@@ -11,8 +11,9 @@ use crate::blocks;
 /// `dst.len() == src.len() / type_size * block_size`.
 pub type DequantizeFn = fn(src: &[u8], dst: &mut [f32]);
 
-/// Encodes whole blocks. `importance`, when given, has one non-negative weight per element of `src`
-/// (the importance matrix's column weights repeated per row) and steers the scale search.
+/// Encodes one row (a whole number of blocks). `importance`, when given, has one non-negative weight per
+/// element of the row (the importance matrix's column weights) and steers the scale search; encoders
+/// that use row statistics (as llama.cpp's do) need exactly one row per call.
 pub type QuantizeFn = fn(src: &[f32], dst: &mut [u8], importance: Option<&[f32]>);
 
 macro_rules! ggml_types {

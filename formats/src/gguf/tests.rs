@@ -540,3 +540,16 @@ fn rewriting_the_fixture_is_byte_identical() {
     }
     assert_eq!(original.len(), rewritten.len());
 }
+
+#[test]
+#[ignore]
+fn tmp_open_timing() {
+    let Some(path) = fixture() else { return };
+    for _ in 0..10 {
+        let start = Instant::now();
+        let f = GgufFile::open(&path).unwrap();
+        let e = start.elapsed();
+        drop(f);
+        eprintln!("open {:?}", e);
+    }
+}

@@ -58,13 +58,6 @@ struct RawEntry {
 /// Maps `path` and validates its header.
 pub(super) fn open(path: &Path) -> Result<(MappedFile, Header)> {
     let file = File::open(path).at(path)?;
-    let file_len = file.metadata().at(path)?.len();
-    if file_len < LENGTH_PREFIX_BYTES as u64 {
-        return Err(Error::invalid(
-            path,
-            format!("truncated: {file_len} bytes, too short for the 8-byte header length"),
-        ));
-    }
     // SAFETY: the map is read-only; like every mmap-based reader we rely on nobody truncating or
     // rewriting the file while it is open (qforge writes outputs to fresh temporary files and renames
     // them, so it never does this to its own inputs).
@@ -81,6 +74,12 @@ pub(super) fn open(path: &Path) -> Result<(MappedFile, Header)> {
 
 fn parse_header(path: &Path, bytes: &[u8]) -> Result<Header> {
     let invalid = |msg: String| Error::invalid(path, msg);
+    if bytes.len() < LENGTH_PREFIX_BYTES {
+        return Err(invalid(format!(
+            "truncated: {} bytes, too short for the 8-byte header length",
+            bytes.len()
+        )));
+    }
     let (prefix, rest) = bytes.split_at(LENGTH_PREFIX_BYTES);
     let header_len = u64::from_le_bytes(prefix.try_into().expect("split at 8"));
     if header_len > MAX_HEADER_BYTES {
