@@ -52,11 +52,7 @@ pub fn test_data(relative: &str) -> PathBuf {
 }
 
 pub fn qforge(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_qforge"))
-        .args(args)
-        .arg("--quiet")
-        .output()
-        .expect("qforge binary runs")
+    Command::new(env!("CARGO_BIN_EXE_qforge")).args(args).arg("--quiet").output().expect("qforge binary runs")
 }
 
 /// Runs qforge, panicking with its stderr when it fails.

@@ -30,21 +30,15 @@ pub(super) fn parse(bytes: &[u8]) -> Result<Header, Problem> {
     let mut c = Cursor::new(bytes);
     let magic = c.take(4, "the magic")?;
     if magic != MAGIC {
-        return Err(invalid(format!("not a GGUF file: starts with {magic:02x?}, expected \"GGUF\"")));
+        return Err(invalid(format!("not a GGUF file: starts with \"{}\", expected \"GGUF\"", magic.escape_ascii())));
     }
     let version = c.u32("the version")?;
     check_version(version)?;
     let tensor_count = c.u64("the tensor count")?;
     let kv_count = c.u64("the metadata entry count")?;
     let least_needed =
-        tensor_count.checked_mul(MIN_TENSOR_INFO_LEN).and_then(|t| kv_count.checked_mul(MIN_KV_LEN)?.checked_add(t));
-    if least_needed.is_none_or(|n| n > c.remaining()) {
-        return Err(invalid(format!(
-            "header claims {tensor_count} tensors and {kv_count} metadata entries, more than the {} bytes \
-             after the header can hold",
-            c.remaining()
-        )));
-    }
+        u128::from(tensor_count) * u128::from(MIN_TENSOR_INFO_LEN) + u128::from(kv_count) * u128::from(MIN_KV_LEN);
+    c.ensure(least_needed, format_args!("{kv_count} metadata entries and {tensor_count} tensor infos"))?;
 
     let metadata = read_metadata(&mut c, kv_count)?;
     let metadata_index = NameIndex::build(&metadata, |(k, _)| k.as_str())
@@ -64,21 +58,21 @@ fn check_version(version: u32) -> Result<(), Problem> {
     let swapped = version.swap_bytes();
     match version {
         2 | 3 => Ok(()),
-        1 => Err(Problem::Unsupported("GGUF version 1 is not supported (only versions 2 and 3)".into())),
-        _ if (1..=3).contains(&swapped) => Err(Problem::Unsupported(format!(
+        1 => Err(Problem::unsupported("GGUF version 1 is not supported (only versions 2 and 3)")),
+        _ if (1..=3).contains(&swapped) => Err(Problem::unsupported(format!(
             "big-endian GGUF files are not supported (version {swapped} stored byte-swapped)"
         ))),
-        _ => Err(Problem::Unsupported(format!("unknown GGUF version {version} (only versions 2 and 3 are supported)"))),
+        _ => Err(Problem::unsupported(format!("unknown GGUF version {version} (only versions 2 and 3 are supported)"))),
     }
 }
 
 fn read_metadata(c: &mut Cursor, count: u64) -> Result<Vec<(String, MetadataValue)>, Problem> {
     let mut metadata = Vec::with_capacity(count as usize);
     for i in 0..count {
-        let key = c.string("a metadata key").map_err(|p| p.within(format_args!("in metadata entry {i}")))?;
+        let key = c.string("a metadata key").map_err(|p| p.within(format_args!("metadata entry {i}")))?;
         let value = read_value_type(c, "a metadata value type")
             .and_then(|ty| read_value(c, ty, 0))
-            .map_err(|p| p.within(format_args!("in metadata entry {i} '{key}'")))?;
+            .map_err(|p| p.within(format_args!("metadata entry {i} '{key}'")))?;
         metadata.push((key.to_owned(), value));
     }
     Ok(metadata)
@@ -121,17 +115,12 @@ fn read_array(c: &mut Cursor, depth: usize) -> Result<MetadataArray, Problem> {
         return Err(invalid(format!("arrays nested more than {MAX_ARRAY_DEPTH} deep at byte {}", c.position())));
     }
     let elem_type = read_value_type(c, "an array's element type")?;
-    let at = c.position();
     let count = c.u64("an array's length")?;
-    if count.checked_mul(elem_type.min_encoded_len()).is_none_or(|n| n > c.remaining()) {
-        return Err(invalid(format!(
-            "array at byte {at} claims {count} {elem_type} items, more than the {} bytes left in the file can hold",
-            c.remaining()
-        )));
-    }
+    let least_needed = u128::from(count) * u128::from(elem_type.min_encoded_len());
+    c.ensure(least_needed, format_args!("an array of {count} {elem_type} items"))?;
     let mut items = Vec::with_capacity(count as usize);
     for i in 0..count {
-        items.push(read_value(c, elem_type, depth + 1).map_err(|p| p.within(format_args!("in array item {i}")))?);
+        items.push(read_value(c, elem_type, depth + 1).map_err(|p| p.in_array_item(i))?);
     }
     Ok(MetadataArray { elem_type, items })
 }
@@ -139,7 +128,7 @@ fn read_array(c: &mut Cursor, depth: usize) -> Result<MetadataArray, Problem> {
 fn read_tensor_infos(c: &mut Cursor, count: u64) -> Result<Vec<TensorInfo>, Problem> {
     let mut tensors = Vec::with_capacity(count as usize);
     for i in 0..count {
-        let info = read_tensor_info(c).map_err(|p| p.within(format_args!("in tensor info {i}")))?;
+        let info = read_tensor_info(c).map_err(|p| p.within(format_args!("tensor info {i}")))?;
         tensors.push(info);
     }
     Ok(tensors)
@@ -172,7 +161,7 @@ fn check_layout(tensors: &[TensorInfo], alignment: u64, data_offset: u64, file_l
         let end = data_offset.checked_add(t.offset).and_then(|s| s.checked_add(t.n_bytes()));
         if end.is_none_or(|e| e > file_len) {
             return Err(invalid(format!(
-                "tensor '{}' data ({} bytes at data offset {}) extends beyond the end of the file ({file_len} bytes)",
+                "truncated at byte {file_len} while reading the data of tensor '{}' ({} bytes at data offset {})",
                 t.name,
                 t.n_bytes(),
                 t.offset

@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
 
-use super::cursor::Problem;
 use super::parse::{parse, Header};
 use super::tensor::TensorInfo;
 use super::value::MetadataValue;
@@ -29,10 +28,7 @@ impl GgufFile {
         // SAFETY: the map is read-only; like every mmap-based reader, this relies on the file not being
         // truncated or rewritten by another process while it is open.
         let map = unsafe { Mmap::map(&file) }.at(&path)?;
-        let header = parse(&map).map_err(|p| match p {
-            Problem::Invalid(m) => Error::invalid(&path, m),
-            Problem::Unsupported(m) => Error::unsupported(&path, m),
-        })?;
+        let header = parse(&map).map_err(|p| p.into_error(&path))?;
         Ok(GgufFile { path, map, header })
     }
 
@@ -89,16 +85,14 @@ impl GgufFile {
     /// The tensor decoded to f32, in GGUF element order.
     pub fn dequantize(&self, t: &TensorInfo) -> Result<Vec<f32>> {
         let fail = |msg: String| Error::unsupported(&self.path, format!("tensor '{}': {msg}", t.name));
-        if t.ggml_type.traits().dequantize.is_none() {
-            return Err(fail(format!("dequantizing {} is not supported", t.ggml_type)));
-        }
         let mut out = vec![0f32; t.n_elements() as usize];
         t.ggml_type.dequantize(self.tensor_data(t), &mut out).map_err(fail)?;
         Ok(out)
     }
 
-    /// Drops the tensor's pages from this process's memory (best effort). Later reads of the same bytes
-    /// still work: they fault the pages back in from the file.
+    /// Drops the tensor's pages from this process's memory (best effort; the pages at its ends may be
+    /// shared with neighbouring tensors and go too). Later reads of any bytes still work: they fault the
+    /// pages back in from the file.
     pub fn release(&self, t: &TensorInfo) {
         #[cfg(unix)]
         if let Some(range) = self.byte_range(t).filter(|r| !r.is_empty()) {

@@ -302,18 +302,27 @@ fn rejects_bad_magic_and_versions() {
 #[test]
 fn rejects_absurd_counts_and_lengths_without_allocating() {
     let huge = 1u64 << 60;
-    Raw::new(3, huge, 0).rejected_with(&[&format!("{huge} tensors")]);
-    Raw::new(3, 0, huge).rejected_with(&[&format!("{huge} metadata entries")]);
-    Raw::new(3, 0, 1).u64(huge).zeros(64).rejected_with(&[&format!("claims {huge} bytes"), "metadata key"]);
+    let truncated = "truncated at byte";
+    Raw::new(3, huge, 0).rejected_with(&[truncated, &format!("{huge} tensor infos")]);
+    Raw::new(3, 0, huge).rejected_with(&[truncated, &format!("{huge} metadata entries")]);
+    Raw::new(3, 0, 1).u64(huge).zeros(64).rejected_with(&[truncated, "a metadata key", &format!("{huge} bytes")]);
     one_tensor_file(1, |r| r.key("s", 8).u64(huge)).rejected_with(&[
-        &format!("claims {huge} bytes"),
-        "string value",
+        truncated,
+        "a string value",
+        &format!("{huge} bytes"),
         "'s'",
     ]);
-    one_tensor_file(1, |r| r.key("arr", 9).u32(4).u64(huge))
-        .rejected_with(&[&format!("claims {huge} u32 items"), "'arr'"]);
-    one_tensor_file(1, |r| r.key("arr", 9).u32(9).u64(huge / 8)).rejected_with(&["array items", "'arr'"]);
-    Raw::new(3, 1, 0).u64(huge).zeros(64).rejected_with(&[&format!("claims {huge} bytes"), "tensor name"]);
+    one_tensor_file(1, |r| r.key("arr", 9).u32(4).u64(huge)).rejected_with(&[
+        truncated,
+        &format!("array of {huge} u32 items"),
+        "'arr'",
+    ]);
+    one_tensor_file(1, |r| r.key("arr", 9).u32(9).u64(u64::MAX)).rejected_with(&[
+        truncated,
+        &format!("array of {} array items", u64::MAX),
+        "'arr'",
+    ]);
+    Raw::new(3, 1, 0).u64(huge).zeros(64).rejected_with(&[truncated, "a tensor name", &format!("{huge} bytes")]);
 }
 
 #[test]
@@ -367,9 +376,13 @@ fn rejects_bad_tensor_layout() {
     two(32, "b").rejected_with(&["'a'", "'b'", "overlap"]);
     two(64, "a").rejected_with(&["tensor name 'a' occurs more than once"]);
     two(68, "b").rejected_with(&["'b' data offset 68 is not a multiple of the alignment 32"]);
-    two(96, "b").rejected_with(&["'b'", "beyond the end of the file"]);
-    two(u64::MAX - 31, "b").rejected_with(&["'b'", "beyond the end of the file"]);
-    Raw::new(3, 1, 0).tensor("t", &[4], 0, 0).pad(32).zeros(15).rejected_with(&["'t'", "beyond the end of the file"]);
+    two(96, "b").rejected_with(&["while reading the data of tensor 'b'"]);
+    two(u64::MAX - 31, "b").rejected_with(&["while reading the data of tensor 'b'"]);
+    Raw::new(3, 1, 0)
+        .tensor("t", &[4], 0, 0)
+        .pad(32)
+        .zeros(15)
+        .rejected_with(&["truncated at byte 79 while reading the data of tensor 't'"]);
 }
 
 #[test]
@@ -382,15 +395,7 @@ fn every_truncation_is_a_clean_error() {
     let bytes = std::fs::read(&path).unwrap();
     let data_offset = GgufFile::open(&path).unwrap().data_offset() as usize;
     for cut in 0..data_offset + 32 + 34 {
-        let raw = Raw(bytes[..cut].to_vec());
-        let known = [
-            format!("truncated at byte {cut} while reading"),
-            "can hold".into(),
-            "claims".into(),
-            "beyond the end of the file".into(),
-        ];
-        let err = raw.rejected_with(&[]);
-        assert!(known.iter().any(|k| err.contains(k.as_str())), "cut at {cut}: {err}");
+        Raw(bytes[..cut].to_vec()).rejected_with(&[&format!("truncated at byte {cut} while reading")]);
     }
     // A cut inside a field names the field and the byte where the file ends.
     let mut info_b = Raw(vec![]).tensor("b", &[32], GgmlType::Q8_0.id(), 0).0;
@@ -539,17 +544,4 @@ fn rewriting_the_fixture_is_byte_identical() {
         panic!("rewrite differs first at byte {at} (data section starts at {})", f.data_offset());
     }
     assert_eq!(original.len(), rewritten.len());
-}
-
-#[test]
-#[ignore]
-fn tmp_open_timing() {
-    let Some(path) = fixture() else { return };
-    for _ in 0..10 {
-        let start = Instant::now();
-        let f = GgufFile::open(&path).unwrap();
-        let e = start.elapsed();
-        drop(f);
-        eprintln!("open {:?}", e);
-    }
 }

@@ -3,8 +3,6 @@
 //! Decoding works on raw little-endian bytes, never on a cast `&[f32]`/`&[u16]`: a tensor's data inside
 //! a memory map carries no alignment promise.
 
-use half::f16;
-use half::slice::HalfFloatSliceExt;
 
 use crate::blocks::float;
 
@@ -66,7 +64,7 @@ impl Dtype {
         Dtype::ALL.into_iter().find(|d| d.name() == name)
     }
 
-    /// Whether [`decode_to_f32`] accepts this type.
+    /// Whether the type has an `f32` value (everything but BOOL).
     pub fn is_numeric(self) -> bool {
         self != Dtype::Bool
     }
@@ -85,7 +83,7 @@ pub(super) fn decode_to_f32(dtype: Dtype, src: &[u8], dst: &mut [f32]) {
     match dtype {
         Dtype::F64 => float::dequantize_f64(src, dst),
         Dtype::F32 => float::dequantize_f32(src, dst),
-        Dtype::F16 => decode_f16(src, dst),
+        Dtype::F16 => float::dequantize_f16(src, dst),
         Dtype::BF16 => float::dequantize_bf16(src, dst),
         Dtype::I64 => decode_ints::<8>(src, dst, |b| i64::from_le_bytes(b) as f32),
         Dtype::I32 => decode_ints::<4>(src, dst, |b| i32::from_le_bytes(b) as f32),
@@ -93,20 +91,6 @@ pub(super) fn decode_to_f32(dtype: Dtype, src: &[u8], dst: &mut [f32]) {
         Dtype::I8 => decode_ints::<1>(src, dst, |b| i8::from_le_bytes(b) as f32),
         Dtype::U8 => decode_ints::<1>(src, dst, |b| b[0] as f32),
         Dtype::Bool => unreachable!("callers reject BOOL before decoding"),
-    }
-}
-
-/// F16 through `half`'s slice conversion (F16C/NEON when present), staged through an aligned buffer:
-/// converting one element at a time is about twenty times slower.
-fn decode_f16(src: &[u8], dst: &mut [f32]) {
-    const CHUNK: usize = 1024;
-    let mut staged = [f16::ZERO; CHUNK];
-    for (out, bytes) in dst.chunks_mut(CHUNK).zip(src.chunks(2 * CHUNK)) {
-        let staged = &mut staged[..out.len()];
-        for (h, b) in staged.iter_mut().zip(bytes.chunks_exact(2)) {
-            *h = f16::from_le_bytes([b[0], b[1]]);
-        }
-        staged.convert_to_f32_slice(out);
     }
 }
 
@@ -121,7 +105,7 @@ fn decode_ints<const N: usize>(src: &[u8], dst: &mut [f32], decode: impl Fn([u8;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use half::bf16;
+    use half::{bf16, f16};
 
     #[test]
     fn names_round_trip_and_match_the_safetensors_crate() {
