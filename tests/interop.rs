@@ -1,0 +1,164 @@
+//! Interoperability with llama.cpp's own clients from PyPI: `gguf` (gguf-py) and `llama-cpp-python`.
+//!
+//! The Python checks live in `tests/interop/` and run in a virtualenv created once at
+//! `target/interop-venv` from `tests/interop/requirements.txt`. Its first creation compiles llama.cpp
+//! inside pip (10-15 minutes on 2 cores); pip's wheel cache makes every later one take seconds.
+//! Where Python or PyPI is out of reach the test is skipped with a message, except under `CI=true`,
+//! where it fails. Every llama.cpp comparison that can run in CI belongs in this file.
+
+mod common;
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use common::{fixture_model, qforge_ok, test_data};
+
+/// SmolLM2's vocabulary size, from its published `config.json`.
+const SMOLLM2_VOCAB: usize = 49_152;
+
+const PROMPT: &str = "The capital of France is Paris. The capital of Germany is";
+
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
+fn interop_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/interop")
+}
+
+/// Creates (or reuses) the venv; `Err` says why it could not.
+fn create_venv() -> Result<PathBuf, String> {
+    let target_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).parent().expect("target/tmp has a parent");
+    let setup = interop_dir().join("setup_venv.py");
+    let out = Command::new("python3")
+        .arg(&setup)
+        .arg(target_dir.join("interop-venv"))
+        .arg(interop_dir().join("requirements.txt"))
+        .output()
+        .map_err(|e| format!("cannot run python3: {e}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    match stdout.lines().last() {
+        Some(python) if out.status.success() => Ok(PathBuf::from(python)),
+        _ => {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let lines: Vec<&str> = stderr.lines().collect();
+            let tail = lines[lines.len().saturating_sub(30)..].join("\n");
+            Err(format!("{} failed ({}):\n{tail}", setup.display(), out.status))
+        }
+    }
+}
+
+/// The venv's python; `None` after printing why, where the venv cannot be made outside CI.
+fn venv_python() -> Option<PathBuf> {
+    static PYTHON: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    match PYTHON.get_or_init(create_venv) {
+        Ok(python) => Some(python.clone()),
+        Err(why) if in_ci() => panic!("the interop virtualenv is required under CI: {why}"),
+        Err(why) => {
+            eprintln!("SKIPPED: no interop virtualenv: {why}");
+            None
+        }
+    }
+}
+
+/// Runs `tests/interop/SCRIPT ARGS` in the venv: its stdout on success, a report of the failure otherwise.
+fn run_script(python: &Path, script: &str, args: &[&dyn AsRef<OsStr>]) -> Result<String, String> {
+    let out = Command::new(python)
+        .arg(interop_dir().join(script))
+        .args(args.iter().map(|a| a.as_ref()))
+        .output()
+        .map_err(|e| format!("{script}: cannot run {}: {e}", python.display()))?;
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    if out.status.success() {
+        Ok(stdout.into_owned())
+    } else {
+        Err(format!("{script} failed ({}):\n{stdout}{stderr}", out.status))
+    }
+}
+
+fn convert(input: &Path, output: &Path, to: &str, dtype: &str) {
+    qforge_ok(&["convert", input.to_str().unwrap(), "-o", output.to_str().unwrap(), "--to", to, "--dtype", dtype]);
+}
+
+/// Compares llama.cpp's token ids (a JSON list in `ids_json`) with the `tokenizers` crate's encoding of
+/// `text` by the HF export's `tokenizer.json`.
+fn compare_with_tokenizers_crate(hf_dir: &Path, text_file: &Path, ids_json: &Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(text_file).map_err(|e| format!("{}: {e}", text_file.display()))?;
+    let llama: Vec<u32> = serde_json::from_slice(&std::fs::read(ids_json).map_err(|e| e.to_string())?)
+        .map_err(|e| format!("{}: {e}", ids_json.display()))?;
+    let tokenizer_json = hf_dir.join("tokenizer.json");
+    let tokenizer = tokenizers::Tokenizer::from_file(&tokenizer_json)
+        .map_err(|e| format!("{}: the tokenizers crate cannot load it: {e}", tokenizer_json.display()))?;
+    let encoding = tokenizer.encode(text, false).map_err(|e| format!("tokenizers crate: {e}"))?;
+    let ours = encoding.get_ids();
+    if ours == llama.as_slice() {
+        return Ok(format!("the tokenizers crate encodes {} into the same {} ids", text_file.display(), ours.len()));
+    }
+    let at = ours.iter().zip(&llama).position(|(a, b)| a != b).unwrap_or(ours.len().min(llama.len()));
+    let window = |ids: &[u32]| ids[at.min(ids.len())..(at + 5).min(ids.len())].to_vec();
+    Err(format!(
+        "{} encodes {} differently from llama.cpp: first difference at token {at}: {:?} vs llama.cpp {:?} \
+         ({} vs {} tokens)",
+        tokenizer_json.display(),
+        text_file.display(),
+        window(ours),
+        window(&llama),
+        ours.len(),
+        llama.len()
+    ))
+}
+
+/// One F32 export of the fixture feeds every check: gguf-py must read the fixture, qforge's F32 and F16
+/// GGUFs to the values qforge reports for them; llama.cpp must compute the same logits from qforge's F32
+/// GGUF as from its own F32 conversion of the fixture, and tokenize like the export's `tokenizer.json`.
+#[test]
+fn llama_cpp_clients_agree_with_qforge() {
+    let Some(fixture) = fixture_model() else { return };
+    let Some(python) = venv_python() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name);
+    let vocab = SMOLLM2_VOCAB.to_string();
+    let text = test_data("wikitext-paragraph.txt");
+    assert!(text.exists(), "{} is missing", text.display());
+
+    convert(&fixture, &path("hf"), "safetensors", "f32");
+    convert(&path("hf"), &path("f32.gguf"), "gguf", "f32");
+    let mut results = Vec::new();
+
+    // gguf-py on the fixture and on qforge's F32 GGUF, each against qforge's f32 export of that file.
+    results.push(run_script(&python, "gguf_py_check.py", &[&fixture, &path("hf"), &vocab]));
+    convert(&path("f32.gguf"), &path("f32.hf"), "safetensors", "f32");
+    results.push(run_script(&python, "gguf_py_check.py", &[&path("f32.gguf"), &path("f32.hf"), &vocab]));
+    std::fs::remove_dir_all(path("f32.hf")).unwrap();
+
+    convert(&path("hf"), &path("f16.gguf"), "gguf", "f16");
+    convert(&path("f16.gguf"), &path("f16.hf"), "safetensors", "f32");
+    results.push(run_script(&python, "gguf_py_check.py", &[&path("f16.gguf"), &path("f16.hf"), &vocab]));
+    std::fs::remove_dir_all(path("f16.hf")).unwrap();
+    std::fs::remove_file(path("f16.gguf")).unwrap();
+
+    results.push(run_script(
+        &python,
+        "llama_logits.py",
+        &[&fixture, &path("f32.gguf"), &path("llama-f32.gguf"), &PROMPT],
+    ));
+
+    let ids = path("ids.json");
+    let tokenized = run_script(&python, "llama_tokenize.py", &[&text, &ids, &fixture, &path("f32.gguf")]);
+    let tokenized_ok = tokenized.is_ok();
+    results.push(tokenized);
+    if tokenized_ok {
+        results.push(compare_with_tokenizers_crate(&path("hf"), &text, &ids));
+    }
+
+    let mut failures = Vec::new();
+    for result in results {
+        match result {
+            Ok(report) => println!("{}", report.trim_end()),
+            Err(failure) => failures.push(failure),
+        }
+    }
+    assert!(failures.is_empty(), "{} interop checks failed:\n\n{}", failures.len(), failures.join("\n\n"));
+}
