@@ -1,7 +1,8 @@
 //! IQ4_NL: blocks of 32 four-bit indices into a fixed non-linear codebook, with an f16 scale
 //! (18 bytes: `f16 d; u8 qs[16]`, nibbles packed as in Q4_0; `x = d·CODEBOOK[q]`).
 
-use super::read_f16;
+use super::scale_search;
+use super::{pack_nibbles, read_f16, signed_absmax, write_f16};
 
 const BLOCK: usize = 32;
 const BYTES: usize = 18;
@@ -27,10 +28,108 @@ pub(crate) fn decode_nibbles(d: f32, qs: &[u8], y: &mut [f32]) {
     }
 }
 
+/// llama.cpp's `quantize_iq4_nl` (what llama-quantize runs): each block's scale is the best weighted
+/// fit over 15 candidates, with weights `x²` or, given importance, [`scale_search::importance_weights`].
+pub fn quantize(src: &[f32], dst: &mut [u8], importance: Option<&[f32]>) {
+    for (i, (x, b)) in src
+        .chunks_exact(BLOCK)
+        .zip(dst.chunks_exact_mut(BYTES))
+        .enumerate()
+    {
+        let x: &[f32; BLOCK] = x.try_into().expect("chunks of 32");
+        let sigma2 = scale_search::sum_of_squares(x) * (2.0 / BLOCK as f32);
+        let importance = importance.map(|imp| &imp[i * BLOCK..][..BLOCK]);
+        let d = fit_scale(x, &block_weights(x, importance, sigma2));
+        write_f16(b, 0, d);
+        encode_nibbles(x, if d != 0.0 { 1.0 / d } else { 0.0 }, &mut b[2..]);
+    }
+}
+
+/// One 32-element block's weights: `x²` without importance, else the importance weights for `sigma2`.
+pub(crate) fn block_weights(
+    x: &[f32; BLOCK],
+    importance: Option<&[f32]>,
+    sigma2: f32,
+) -> [f32; BLOCK] {
+    let mut weights = [0f32; BLOCK];
+    match importance {
+        Some(importance) => scale_search::importance_weights(x, importance, sigma2, &mut weights),
+        None => scale_search::square_weights(x, &mut weights),
+    }
+    weights
+}
+
+/// The block scale minimising Σw·(x − d·CODEBOOK[q])² over 15 trial scales around `max|x| / 127`
+/// (llama.cpp's `quantize_row_iq4_nl_impl`, `ntry` 7); 0 for an all-zero block.
+pub(crate) fn fit_scale(x: &[f32; BLOCK], weights: &[f32; BLOCK]) -> f32 {
+    let max = signed_absmax(x);
+    if max.abs() < 1e-15 {
+        return 0.0;
+    }
+    let fit = |id: f32| {
+        let (mut sumqx, mut sumq2) = (0.0f32, 0.0f32);
+        for (&v, &w) in x.iter().zip(weights) {
+            let q = CODEBOOK[nearest_index(id * v)] as f32;
+            sumqx += w * q * v;
+            sumq2 += w * q * q;
+        }
+        (sumqx, sumq2)
+    };
+    let (sumqx, sumq2) = fit(1.0 / (-max / CODEBOOK[0] as f32));
+    let mut d = scale_search::least_squares_scale(sumqx, sumq2);
+    let mut best = d * sumqx;
+    for step in -7..=7 {
+        let (sumqx, sumq2) = fit((step + CODEBOOK[0] as i32) as f32 / max);
+        if sumq2 > 0.0 && sumqx * sumqx > best * sumq2 {
+            d = sumqx / sumq2;
+            best = d * sumqx;
+        }
+    }
+    d
+}
+
+/// Codebook indices of 32 values scaled by `id`, packed as [`decode_nibbles`] reads them.
+pub(crate) fn encode_nibbles(x: &[f32], id: f32, qs: &mut [u8]) {
+    let q: [u8; BLOCK] = std::array::from_fn(|j| nearest_index(id * x[j]) as u8);
+    pack_nibbles(&q, qs);
+}
+
+/// The codebook entry nearest to `x` (ggml's `best_index_int8`: binary search, ties to the upper entry;
+/// NaN lands on the last entry).
+fn nearest_index(x: f32) -> usize {
+    let value = |i: usize| CODEBOOK[i] as f32;
+    if x <= value(0) {
+        return 0;
+    }
+    if x >= value(15) {
+        return 15;
+    }
+    let (mut lo, mut hi) = (0, 15);
+    while hi - lo > 1 {
+        let mid = (lo + hi) / 2;
+        if x < value(mid) {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    if x - value(hi - 1) < value(hi) - x {
+        hi - 1
+    } else {
+        hi
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::blocks::test_data::{
+        assert_within, check_encoder, round_trip_row, skewed_importance_gain, symmetric_bound,
+    };
+    use crate::blocks::QK_K;
+    use crate::ggml_type::GgmlType;
     use half::f16;
+    use proptest::prelude::*;
 
     #[test]
     fn decodes_hand_built_block() {
@@ -47,6 +146,31 @@ mod tests {
         dequantize(&block, &mut y);
         for i in 0..BLOCK {
             assert_eq!(y[i], 0.25 * levels[q[i] as usize] as f32, "element {i}");
+        }
+    }
+
+    #[test]
+    fn round_trip_stays_within_bound() {
+        check_encoder(GgmlType::IQ4_NL, BLOCK, |g| {
+            symmetric_bound(g, 127.0 / 12.0)
+        });
+    }
+
+    #[test]
+    fn importance_lowers_weighted_error() {
+        let gain = skewed_importance_gain(GgmlType::IQ4_NL);
+        assert!(gain < 0.25, "weighted error ratio {gain}");
+    }
+
+    proptest! {
+        #[test]
+        fn round_trip_bounded(
+            x in prop::collection::vec(-6.0e4f32..6.0e4, QK_K..=QK_K),
+            importance in prop::collection::vec(0.5f32..1.5, QK_K..=QK_K),
+        ) {
+            assert_within(&x, &round_trip_row(GgmlType::IQ4_NL, &x, None), BLOCK, |g| symmetric_bound(g, 127.0 / 12.0));
+            let y = round_trip_row(GgmlType::IQ4_NL, &x, Some(&importance));
+            assert_within(&x, &y, BLOCK, |g| symmetric_bound(g, 127.0 / 12.0));
         }
     }
 }

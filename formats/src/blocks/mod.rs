@@ -57,6 +57,13 @@ pub(crate) fn signed_absmax(x: &[f32]) -> f32 {
     max
 }
 
+/// The largest value, or 0 when none is positive: the largest sub-block scale (or min) of the K-quants,
+/// which their encoders track from 0 up.
+#[inline]
+pub(crate) fn positive_max(x: &[f32]) -> f32 {
+    x.iter().fold(0.0, |max, &v| if v > max { v } else { max })
+}
+
 /// Block minimum and maximum, compared as llama.cpp does (NaN never replaces a bound).
 #[inline]
 pub(crate) fn min_max(x: &[f32]) -> (f32, f32) {
@@ -126,6 +133,43 @@ pub(crate) fn scale_min_k4(j: usize, scales: &[u8]) -> (u8, u8) {
     }
 }
 
+/// Inverse of [`scale_min_k4`]: packs eight 6-bit (scale, min) pairs into Q4_K's and Q5_K's 12 bytes.
+pub(crate) fn pack_scale_min_k4(scales: &[u8; 8], mins: &[u8; 8]) -> [u8; 12] {
+    let mut packed = [0u8; 12];
+    for j in 0..8 {
+        let (sc, m) = (scales[j] & 63, mins[j] & 63);
+        if j < 4 {
+            packed[j] |= sc;
+            packed[j + 4] |= m;
+        } else {
+            packed[j + 4] = (sc & 0xF) | (m & 0xF) << 4;
+            packed[j - 4] |= (sc >> 4) << 6;
+            packed[j] |= (m >> 4) << 6;
+        }
+    }
+    packed
+}
+
+/// Packs 256 values below 4 as the K-quants store 2-bit fields: within each 128-element half, byte `l`
+/// of its 32 bytes holds elements `l`, `l + 32`, `l + 64`, `l + 96` in bit pairs 0–1, 2–3, 4–5, 6–7.
+pub(crate) fn pack_2bit(values: &[u8; QK_K], packed: &mut [u8]) {
+    for (half, out) in values.chunks_exact(128).zip(packed.chunks_exact_mut(32)) {
+        for (l, byte) in out.iter_mut().enumerate() {
+            *byte = half[l] | half[l + 32] << 2 | half[l + 64] << 4 | half[l + 96] << 6;
+        }
+    }
+}
+
+/// Levels for a sub-block whose (already rounded) scale is settled: `nearest_int((x + offset) / d)`
+/// clamped to `lo..=hi` and stored minus `lo`, so that `x ≈ d·(stored + lo) − offset`. The K-quant
+/// encoders finish with this, as llama.cpp's do, so that levels match the scales actually stored.
+#[inline]
+pub(crate) fn requantize(x: &[f32], d: f32, offset: f32, (lo, hi): (i32, i32), levels: &mut [u8]) {
+    for (out, &v) in levels.iter_mut().zip(x) {
+        *out = (nearest_int((v + offset) / d).clamp(lo, hi) - lo) as u8;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -155,16 +199,97 @@ mod tests {
 
     #[test]
     fn encoders_survive_non_finite_input() {
-        let mut x = vec![1.0f32; 64];
-        x[3] = f32::NAN;
-        x[40] = f32::INFINITY;
-        x[41] = f32::NEG_INFINITY;
+        // One row of a whole number of blocks for every type; every block sees a non-finite value.
+        let mut x = vec![1.0f32; QK_K];
+        for (i, v) in x.iter_mut().enumerate().step_by(13) {
+            *v = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY][i % 3];
+        }
+        let mut all_nan = vec![f32::NAN; QK_K];
+        all_nan[7] = 2.0;
         for ty in GgmlType::all().filter(|t| t.traits().quantize.is_some()) {
             let quantize = ty.traits().quantize.unwrap();
-            let mut bytes = vec![0u8; ty.row_bytes(64).unwrap() as usize];
-            quantize(&x, &mut bytes, None);
-            quantize(&x, &mut bytes, Some(&[1.0; 64]));
-            quantize(&x, &mut bytes, Some(&[0.0; 64]));
+            let mut bytes = vec![0u8; ty.row_bytes(QK_K as u64).unwrap() as usize];
+            for x in [&x, &all_nan] {
+                quantize(x, &mut bytes, None);
+                quantize(x, &mut bytes, Some(&[1.0; QK_K]));
+                quantize(x, &mut bytes, Some(&[0.0; QK_K]));
+                quantize(x, &mut bytes, Some(&[f32::NAN; QK_K]));
+            }
+        }
+    }
+
+    /// The bytes llama.cpp's `quantize_<type>` writes for [`test_data::reference_rows`], one 512-element
+    /// row per call: FNV-1a of the output without and with the importance values. Taken from
+    /// ggml-quants.c as of llama.cpp commit 01243c58, compiled with `-O2 -ffp-contract=off` (without
+    /// that flag compilers fuse multiply-adds and round differently).
+    #[test]
+    fn encoders_match_llama_cpp_bytes() {
+        use GgmlType::*;
+        let (x, importance) = test_data::reference_rows();
+        for (ty, plain, weighted) in [
+            (Q4_0, 0x91d99ba8db3eb586, 0x0c3ea063ff150ee5),
+            (Q4_1, 0xd9e65f87480401a4, 0x8548fded2ad4e10a),
+            (Q5_0, 0x75197838ee1c1e26, 0x18f1a80cda46a5d8),
+            (Q5_1, 0xfdc590ea684451f2, 0x643101c27773a178),
+            (Q8_0, 0xe73a92bd891ec637, 0xe73a92bd891ec637),
+            (Q2_K, 0x5e44369e0735ed15, 0x2ff422f856a5c783),
+            (Q3_K, 0x4b16420c6c99f6b6, 0xdbe62ea179d8d8d5),
+            (Q4_K, 0x0e104fe5f2cecc42, 0x7a8954ef62183ad8),
+            (Q5_K, 0x14965e30cb07f6ab, 0x43ff47bf58565727),
+            (Q6_K, 0x465bb0dceeb2e2eb, 0xba8cb79f5b275335),
+            (IQ4_NL, 0x2c113530449f7040, 0xec50e773561f5885),
+            (IQ4_XS, 0x7c4cd5341d364025, 0xf27c33bc42291d2c),
+        ] {
+            let quantize = ty.traits().quantize.unwrap();
+            let row_bytes = ty.row_bytes(512).unwrap() as usize;
+            let mut bytes = vec![0u8; x.len() / 512 * row_bytes];
+            for (mode, expected, importance) in [
+                ("plain", plain, None),
+                ("importance", weighted, Some(&importance)),
+            ] {
+                for (r, out) in bytes.chunks_exact_mut(row_bytes).enumerate() {
+                    let row = r * 512..(r + 1) * 512;
+                    quantize(&x[row.clone()], out, importance.map(|imp| &imp[row]));
+                }
+                assert_eq!(
+                    test_data::fnv1a(&bytes),
+                    expected,
+                    "{ty} ({mode}) differs from llama.cpp"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn k4_scale_packing_round_trips() {
+        let scales: [u8; 8] = std::array::from_fn(|j| 63 - 9 * j as u8);
+        let mins: [u8; 8] = std::array::from_fn(|j| 5 + 8 * j as u8);
+        let packed = pack_scale_min_k4(&scales, &mins);
+        for j in 0..8 {
+            assert_eq!(
+                scale_min_k4(j, &packed),
+                (scales[j], mins[j]),
+                "sub-block {j}"
+            );
+        }
+    }
+
+    #[test]
+    fn two_bit_packing_places_each_element() {
+        for e in [0, 31, 32, 95, 127, 128, 200, 255] {
+            let mut values = [0u8; QK_K];
+            values[e] = 3;
+            let mut packed = [0u8; 64];
+            pack_2bit(&values, &mut packed);
+            let byte = 32 * (e / 128) + e % 32;
+            let shift = 2 * (e % 128 / 32);
+            for (i, &b) in packed.iter().enumerate() {
+                assert_eq!(
+                    b,
+                    if i == byte { 3 << shift } else { 0 },
+                    "element {e}, byte {i}"
+                );
+            }
         }
     }
 
@@ -235,7 +360,7 @@ mod tests {
 /// Deterministic test data shared by the codec tests (no `rand` dependency).
 #[cfg(test)]
 pub(crate) mod test_data {
-    use crate::ggml_type::{DequantizeFn, QuantizeFn};
+    use crate::ggml_type::{DequantizeFn, GgmlType, QuantizeFn};
 
     /// Encodes `x` (whole 32-element blocks of `block_bytes` each) and decodes it again.
     pub fn round_trip(
@@ -249,6 +374,115 @@ pub(crate) mod test_data {
         let mut y = vec![0f32; x.len()];
         codec.1(&bytes, &mut y);
         y
+    }
+
+    /// Encodes one row as `ty` (through the type table) and decodes it again.
+    pub fn round_trip_row(ty: GgmlType, x: &[f32], importance: Option<&[f32]>) -> Vec<f32> {
+        let row_bytes = ty.row_bytes(x.len() as u64).expect("whole blocks");
+        let mut bytes = vec![0u8; row_bytes as usize];
+        let quantize = ty.traits().quantize.expect("type has an encoder");
+        quantize(x, &mut bytes, importance);
+        let mut y = vec![0f32; x.len()];
+        ty.dequantize(&bytes, &mut y).expect("decodes");
+        y
+    }
+
+    /// What f16 scales cannot do better than: their relative rounding (2⁻¹¹, doubled for the product
+    /// of a scale and a sub-scale) and their smallest step, times the largest level multiplier (< 2¹²).
+    fn f16_slack(max_abs: f32) -> f32 {
+        max_abs * 2f32.powi(-9) + 2f32.powi(-24) * 4096.0
+    }
+
+    /// Bound for affine formats with levels `0..=nmax`: two level steps of the group's range (including
+    /// 0, since the offset is never positive). The fit may trade a little range for precision and the
+    /// sub-block scales are themselves quantized, so half a step is not guaranteed.
+    pub fn affine_bound(group: &[f32], nmax: f32) -> f32 {
+        let lo = group.iter().fold(0f32, |m, &v| m.min(v));
+        let hi = group.iter().fold(0f32, |m, &v| m.max(v));
+        2.0 * (hi - lo) / nmax + f16_slack(hi.max(-lo))
+    }
+
+    /// Bound for symmetric formats whose largest magnitude maps to `levels` steps: two steps.
+    pub fn symmetric_bound(group: &[f32], levels: f32) -> f32 {
+        let max_abs = group.iter().fold(0f32, |m, &v| m.max(v.abs()));
+        2.0 * max_abs / levels + f16_slack(max_abs)
+    }
+
+    /// Every element of each `group`-element group of `x` decodes within `bound(group)`.
+    pub fn assert_within(x: &[f32], y: &[f32], group: usize, bound: impl Fn(&[f32]) -> f32) {
+        for (g, (xg, yg)) in x.chunks(group).zip(y.chunks(group)).enumerate() {
+            let limit = bound(xg);
+            for (i, (a, b)) in xg.iter().zip(yg).enumerate() {
+                assert!(
+                    (a - b).abs() <= limit,
+                    "group {g} element {i}: {a} -> {b}, bound {limit}"
+                );
+            }
+        }
+    }
+
+    /// Rows every encoder is checked on: random rows with varied block magnitudes and the adversarial
+    /// rows, each paired with a mild random importance (the bounds assume no element is ignored).
+    pub fn encoder_test_rows(n: usize) -> Vec<(Vec<f32>, Vec<f32>)> {
+        let mut rng = Rng::new(n as u64);
+        let mut rows: Vec<Vec<f32>> = (0..8).map(|_| rng.row(n)).collect();
+        rows.extend(adversarial_rows(n));
+        rows.into_iter()
+            .map(|row| {
+                let importance = (0..n).map(|_| 1.0 + 0.5 * rng.unit()).collect();
+                (row, importance)
+            })
+            .collect()
+    }
+
+    /// Round-trips [`encoder_test_rows`] with and without importance and checks each `group`-element
+    /// group against `bound`.
+    pub fn check_encoder(ty: GgmlType, group: usize, bound: impl Fn(&[f32]) -> f32) {
+        for (row, importance) in encoder_test_rows(1024) {
+            assert_within(&row, &round_trip_row(ty, &row, None), group, &bound);
+            assert_within(
+                &row,
+                &round_trip_row(ty, &row, Some(&importance)),
+                group,
+                &bound,
+            );
+        }
+    }
+
+    /// Weighted error with [`skewed_importance`] given to the encoder, as a fraction of the same error
+    /// when the encoder ignores importance.
+    pub fn skewed_importance_gain(ty: GgmlType) -> f32 {
+        let x = Rng::new(42).row(2048);
+        let importance = skewed_importance(x.len());
+        let plain = weighted_sse(&x, &round_trip_row(ty, &x, None), &importance);
+        let weighted = weighted_sse(&x, &round_trip_row(ty, &x, Some(&importance)), &importance);
+        weighted / plain
+    }
+
+    /// FNV-1a, to compare long encoder outputs with reference outputs.
+    pub fn fnv1a(bytes: &[u8]) -> u64 {
+        bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        })
+    }
+
+    /// The input of the llama.cpp comparison: 6 rows of 512 with varied block magnitudes and a skewed
+    /// importance per element, plus the cases where llama.cpp once wrote NaN scales: an outlier, a
+    /// super-block of denormals, one of values so small that `63 / max` overflows, and a super-block
+    /// without importance.
+    pub fn reference_rows() -> (Vec<f32>, Vec<f32>) {
+        let mut rng = Rng::new(2024);
+        let mut x = rng.row(6 * 512);
+        x[700] = 300.0;
+        for (i, v) in x[4 * 512..4 * 512 + 256].iter_mut().enumerate() {
+            *v = if i % 3 == 0 { 1.0e-40 } else { -3.0e-39 };
+        }
+        for v in &mut x[5 * 512..5 * 512 + 256] {
+            *v *= 1.0e-36;
+        }
+        let mut importance: Vec<f32> = (0..x.len()).map(|_| (rng.unit() + 1.0).powi(4)).collect();
+        importance[3 * 512 + 256..4 * 512].fill(0.0);
+        (x, importance)
     }
 
     /// Decoded values match the expected ones up to f32 rounding (checks layout, not operation order).

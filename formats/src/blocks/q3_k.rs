@@ -6,7 +6,8 @@
 //! bytes 0–7 (sub-blocks 0–7 low nibbles, 8–15 high nibbles) and their top two bits in bytes 8–11
 //! (sub-block `s` at byte `8 + s % 4`, bit pair `s / 4`).
 
-use super::{read_f16, QK_K};
+use super::scale_search;
+use super::{nearest_int, pack_2bit, read_f16, requantize, write_f16, QK_K};
 
 const BYTES: usize = 110;
 
@@ -35,11 +36,110 @@ pub fn dequantize(src: &[u8], dst: &mut [f32]) {
     }
 }
 
+/// Without importance: llama.cpp's `quantize_row_q3_K_ref`. With importance: `quantize_row_q3_K_impl`.
+pub fn quantize(src: &[f32], dst: &mut [u8], importance: Option<&[f32]>) {
+    for (i, (x, b)) in src
+        .chunks_exact(QK_K)
+        .zip(dst.chunks_exact_mut(BYTES))
+        .enumerate()
+    {
+        let x: &[f32; QK_K] = x.try_into().expect("chunks of QK_K");
+        let mut levels = [0u8; QK_K];
+        let (scales, d) = match importance {
+            None => plain_scales(x, &mut levels),
+            Some(importance) => weighted_scales(x, &importance[i * QK_K..][..QK_K], &mut levels),
+        };
+        write_f16(b, 108, d);
+        let d = read_f16(b, 108);
+        for ((xs, out), &sc) in x
+            .chunks_exact(16)
+            .zip(levels.chunks_exact_mut(16))
+            .zip(&scales)
+        {
+            let dl = d * (sc as i32 - 32) as f32;
+            if dl != 0.0 {
+                requantize(xs, dl, 0.0, (-4, 3), out);
+            }
+        }
+
+        let (hmask, rest) = b.split_at_mut(32);
+        hmask.fill(0);
+        for (j, l) in levels.iter_mut().enumerate() {
+            if *l > 3 {
+                hmask[j % 32] |= 1 << (j / 32);
+                *l -= 4;
+            }
+        }
+        pack_2bit(&levels, &mut rest[..64]);
+        pack_scales(&scales, &mut rest[64..76]);
+    }
+}
+
+/// Fits each 16-element sub-block's signed scale by refinement, then scales the 6-bit scales to the
+/// largest in magnitude. Returns the scales as stored (`0..64`, i.e. offset by 32) and `d`.
+fn plain_scales(x: &[f32; QK_K], levels: &mut [u8; QK_K]) -> ([u8; 16], f32) {
+    let mut scales = [0f32; 16];
+    for (s, (xs, ls)) in scales
+        .iter_mut()
+        .zip(x.chunks_exact(16).zip(levels.chunks_exact_mut(16)))
+    {
+        *s = scale_search::symmetric_refined(xs, 4, ls);
+    }
+    let max_scale = super::signed_absmax(&scales);
+    if max_scale == 0.0 {
+        // A zero scale byte decodes as -32; with d = 0 every value is still 0.
+        return ([0; 16], 0.0);
+    }
+    let iscale = -32.0 / max_scale;
+    let stored = scales.map(|s| ((nearest_int(iscale * s) as i8).clamp(-32, 31) + 32) as u8);
+    (stored, 1.0 / iscale)
+}
+
+/// Fits each 16-element sub-block's signed scale with importance weights, then fits the 6-bit scales
+/// themselves, weighted by each sub-block's total weight.
+fn weighted_scales(
+    x: &[f32; QK_K],
+    importance: &[f32],
+    levels: &mut [u8; QK_K],
+) -> ([u8; 16], f32) {
+    let sigma2 = 2.0 * scale_search::sum_of_squares(x) / QK_K as f32;
+    let mut scales = [0f32; 16];
+    let mut sums = [0f32; 16];
+    let mut weights = [0f32; 16];
+    for (j, (xs, ls)) in x
+        .chunks_exact(16)
+        .zip(levels.chunks_exact_mut(16))
+        .enumerate()
+    {
+        scale_search::importance_weights(xs, &importance[16 * j..], sigma2, &mut weights);
+        sums[j] = weights.iter().fold(0.0, |acc, &w| acc + w);
+        scales[j] = scale_search::symmetric(xs, &weights, 4, ls);
+    }
+    let mut stored = [0u8; 16];
+    let d = scale_search::symmetric(&scales, &sums, 32, &mut stored);
+    (stored, d)
+}
+
+/// Packs sixteen 6-bit scales: low nibbles of scales 0–7 and 8–15 in the low and high nibbles of bytes
+/// 0–7, the top two bits of scale `j` in byte `8 + j % 4` at bit `2·(j / 4)`.
+fn pack_scales(scales: &[u8; 16], packed: &mut [u8]) {
+    packed.fill(0);
+    for (j, &s) in scales.iter().enumerate() {
+        packed[j % 8] |= (s & 0xF) << (4 * (j / 8));
+        packed[8 + j % 4] |= (s >> 4) << (2 * (j / 4));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::blocks::test_data::{assert_close, Rng};
+    use crate::blocks::test_data::{
+        assert_within, check_encoder, round_trip_row, skewed_importance_gain, symmetric_bound,
+    };
+    use crate::ggml_type::GgmlType;
     use half::f16;
+    use proptest::prelude::*;
 
     #[test]
     fn decodes_hand_built_block() {
@@ -79,5 +179,28 @@ mod tests {
         let mut y = vec![0f32; QK_K];
         dequantize(&block, &mut y);
         assert_close(&y, &expected);
+    }
+
+    #[test]
+    fn round_trip_stays_within_bound() {
+        check_encoder(GgmlType::Q3_K, QK_K, |g| symmetric_bound(g, 4.0));
+    }
+
+    #[test]
+    fn importance_lowers_weighted_error() {
+        let gain = skewed_importance_gain(GgmlType::Q3_K);
+        assert!(gain < 0.25, "weighted error ratio {gain}");
+    }
+
+    proptest! {
+        #[test]
+        fn round_trip_bounded(
+            x in prop::collection::vec(-6.0e4f32..6.0e4, QK_K..=QK_K),
+            importance in prop::collection::vec(0.5f32..1.5, QK_K..=QK_K),
+        ) {
+            assert_within(&x, &round_trip_row(GgmlType::Q3_K, &x, None), QK_K, |g| symmetric_bound(g, 4.0));
+            let y = round_trip_row(GgmlType::Q3_K, &x, Some(&importance));
+            assert_within(&x, &y, QK_K, |g| symmetric_bound(g, 4.0));
+        }
     }
 }

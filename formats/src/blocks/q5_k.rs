@@ -4,6 +4,8 @@
 //! Low nibbles and scales are laid out as in Q4_K; the fifth bit of element `l` of sub-block `s`
 //! is bit `s` of `qh[l]`.
 
+use super::q4_k::{encode_scales, pack_low_nibbles};
+use super::scale_search::{AffineGrid, ErrorMetric};
 use super::{read_f16, scale_min_k4, QK_K};
 
 const BYTES: usize = 176;
@@ -27,25 +29,59 @@ pub fn dequantize(src: &[u8], dst: &mut [f32]) {
     }
 }
 
+/// Without importance: llama.cpp's `quantize_row_q5_K_ref`. With importance: `quantize_row_q5_K_impl`.
+/// Both share Q4_K's scale search ([`encode_scales`]) with 32 levels instead of 16.
+pub fn quantize(src: &[f32], dst: &mut [u8], importance: Option<&[f32]>) {
+    const PLAIN_GRID: AffineGrid = AffineGrid {
+        rmin: -0.5,
+        rdelta: 0.1,
+        steps: 15,
+        metric: ErrorMetric::Squared,
+        saturate: false,
+    };
+    for (i, (x, b)) in src
+        .chunks_exact(QK_K)
+        .zip(dst.chunks_exact_mut(BYTES))
+        .enumerate()
+    {
+        let x: &[f32; QK_K] = x.try_into().expect("chunks of QK_K");
+        let importance = importance.map(|imp| &imp[i * QK_K..][..QK_K]);
+        let levels = encode_scales(x, importance, 31, &PLAIN_GRID, b);
+        let (qh, qs) = b[16..].split_at_mut(32);
+        pack_low_nibbles(&levels, qs);
+        qh.fill(0);
+        for (sub, group) in levels.chunks_exact(32).enumerate() {
+            for (h, &l) in qh.iter_mut().zip(group) {
+                *h |= (l >> 4) << sub;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::blocks::q4_k::tests::pack_scales;
+    use crate::blocks::pack_scale_min_k4;
+    use crate::blocks::test_data::{
+        affine_bound, assert_within, check_encoder, round_trip_row, skewed_importance_gain,
+    };
     use crate::blocks::test_data::{assert_close, Rng};
+    use crate::ggml_type::GgmlType;
     use half::f16;
+    use proptest::prelude::*;
 
     #[test]
     fn decodes_hand_built_block() {
         let mut rng = Rng::new(5);
         let levels: Vec<u8> = (0..QK_K).map(|_| (rng.next_u64() % 32) as u8).collect();
-        let sc: Vec<u8> = (0..8).map(|_| (rng.next_u64() % 64) as u8).collect();
-        let m: Vec<u8> = (0..8).map(|_| (rng.next_u64() % 64) as u8).collect();
+        let sc: [u8; 8] = std::array::from_fn(|_| (rng.next_u64() % 64) as u8);
+        let m: [u8; 8] = std::array::from_fn(|_| (rng.next_u64() % 64) as u8);
         let (d, dmin) = (0.005f32, 0.25f32);
 
         let mut block = [0u8; BYTES];
         block[..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
         block[2..4].copy_from_slice(&f16::from_f32(dmin).to_le_bytes());
-        block[4..16].copy_from_slice(&pack_scales(&sc, &m));
+        block[4..16].copy_from_slice(&pack_scale_min_k4(&sc, &m));
         let (mut m1, mut m2) = (1u8, 2u8);
         for group in 0..4 {
             for j in 0..32 {
@@ -71,5 +107,28 @@ mod tests {
         let mut y = vec![0f32; QK_K];
         dequantize(&block, &mut y);
         assert_close(&y, &expected);
+    }
+
+    #[test]
+    fn round_trip_stays_within_bound() {
+        check_encoder(GgmlType::Q5_K, QK_K, |g| affine_bound(g, 31.0));
+    }
+
+    #[test]
+    fn importance_lowers_weighted_error() {
+        let gain = skewed_importance_gain(GgmlType::Q5_K);
+        assert!(gain < 0.25, "weighted error ratio {gain}");
+    }
+
+    proptest! {
+        #[test]
+        fn round_trip_bounded(
+            x in prop::collection::vec(-6.0e4f32..6.0e4, QK_K..=QK_K),
+            importance in prop::collection::vec(0.5f32..1.5, QK_K..=QK_K),
+        ) {
+            assert_within(&x, &round_trip_row(GgmlType::Q5_K, &x, None), QK_K, |g| affine_bound(g, 31.0));
+            let y = round_trip_row(GgmlType::Q5_K, &x, Some(&importance));
+            assert_within(&x, &y, QK_K, |g| affine_bound(g, 31.0));
+        }
     }
 }

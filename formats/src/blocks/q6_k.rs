@@ -5,7 +5,8 @@
 //! nibbles (k = 0, 1) or high nibbles (k = 2, 3) of `ql[32·(k % 2) + l]`, and bits `2k..2k+2` of `qh[l]`
 //! as the top two bits.
 
-use super::{read_f16, QK_K};
+use super::scale_search;
+use super::{nearest_int, pack_2bit, read_f16, requantize, write_f16, QK_K};
 
 const BYTES: usize = 210;
 
@@ -29,11 +30,73 @@ pub fn dequantize(src: &[u8], dst: &mut [f32]) {
     }
 }
 
+/// llama.cpp's `quantize_row_q6_K_ref` without importance and `quantize_row_q6_K_impl` with it: they
+/// differ only in the weights of each sub-block's fit (`x²`, or the importance values as given).
+pub fn quantize(src: &[f32], dst: &mut [u8], importance: Option<&[f32]>) {
+    for (i, (x, b)) in src
+        .chunks_exact(QK_K)
+        .zip(dst.chunks_exact_mut(BYTES))
+        .enumerate()
+    {
+        let mut levels = [0u8; QK_K];
+        let mut scales = [0f32; 16];
+        let mut squares = [0f32; 16];
+        let sub_blocks = x.chunks_exact(16).zip(levels.chunks_exact_mut(16));
+        for (j, (xs, ls)) in sub_blocks.enumerate() {
+            let weights = match importance {
+                Some(importance) => &importance[i * QK_K + 16 * j..][..16],
+                None => {
+                    scale_search::square_weights(xs, &mut squares);
+                    &squares[..]
+                }
+            };
+            scales[j] = scale_search::symmetric(xs, weights, 32, ls);
+        }
+
+        let max_scale = super::signed_absmax(&scales);
+        if max_scale.abs() < 1e-15 {
+            b.fill(0);
+            continue;
+        }
+        let iscale = -128.0 / max_scale;
+        write_f16(b, 208, 1.0 / iscale);
+        let stored = scales.map(|s| nearest_int(iscale * s).min(127) as i8);
+        let d = read_f16(b, 208);
+        for ((xs, out), &sc) in x
+            .chunks_exact(16)
+            .zip(levels.chunks_exact_mut(16))
+            .zip(&stored)
+        {
+            let dl = d * sc as f32;
+            if dl != 0.0 {
+                requantize(xs, dl, 0.0, (-32, 31), out);
+            }
+        }
+
+        let (ql, rest) = b.split_at_mut(128);
+        for (ql, half) in ql.chunks_exact_mut(64).zip(levels.chunks_exact(128)) {
+            for l in 0..32 {
+                ql[l] = (half[l] & 0xF) | (half[l + 64] & 0xF) << 4;
+                ql[l + 32] = (half[l + 32] & 0xF) | (half[l + 96] & 0xF) << 4;
+            }
+        }
+        pack_2bit(&levels.map(|l| l >> 4), &mut rest[..64]);
+        for (out, &sc) in rest[64..80].iter_mut().zip(&stored) {
+            *out = sc as u8;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::blocks::test_data::{assert_close, Rng};
+    use crate::blocks::test_data::{
+        assert_within, check_encoder, round_trip_row, skewed_importance_gain, symmetric_bound,
+    };
+    use crate::ggml_type::GgmlType;
     use half::f16;
+    use proptest::prelude::*;
 
     #[test]
     fn decodes_hand_built_block() {
@@ -64,5 +127,28 @@ mod tests {
         let mut y = vec![0f32; QK_K];
         dequantize(&block, &mut y);
         assert_close(&y, &expected);
+    }
+
+    #[test]
+    fn round_trip_stays_within_bound() {
+        check_encoder(GgmlType::Q6_K, QK_K, |g| symmetric_bound(g, 32.0));
+    }
+
+    #[test]
+    fn importance_lowers_weighted_error() {
+        let gain = skewed_importance_gain(GgmlType::Q6_K);
+        assert!(gain < 0.25, "weighted error ratio {gain}");
+    }
+
+    proptest! {
+        #[test]
+        fn round_trip_bounded(
+            x in prop::collection::vec(-6.0e4f32..6.0e4, QK_K..=QK_K),
+            importance in prop::collection::vec(0.5f32..1.5, QK_K..=QK_K),
+        ) {
+            assert_within(&x, &round_trip_row(GgmlType::Q6_K, &x, None), QK_K, |g| symmetric_bound(g, 32.0));
+            let y = round_trip_row(GgmlType::Q6_K, &x, Some(&importance));
+            assert_within(&x, &y, QK_K, |g| symmetric_bound(g, 32.0));
+        }
     }
 }

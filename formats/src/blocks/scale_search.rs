@@ -1,15 +1,39 @@
-//! Importance-weighted scale searches shared by the 32-element encoders.
+//! Scale searches shared by the encoders: given a group of values and a weight per value, find the
+//! scale (and for affine formats the minimum) whose levels minimise the weighted squared error.
 //!
-//! These follow llama.cpp's `quantize_row_q{4,5}_{0,1}_impl`: each element's weight is its importance
-//! times `sqrt(sigma2 + x²)`, where `sigma2` is the mean square of the whole row, then a small grid of
-//! candidate scales is tried and the weighted least-squares fit kept. Arithmetic is f32 in llama.cpp's
-//! order so that the chosen levels match its output bit for bit.
+//! Each search follows one of llama.cpp's (`make_qx_quants`, `make_q3_quants`, `make_qkx2_quants`,
+//! `make_qkx3_quants`, `make_qp_quants`, as of llama.cpp commit 01243c58, which guards the divisions
+//! that used to write NaN scales) in its f32 arithmetic and operation order, so that the levels chosen
+//! match llama.cpp's bit for bit. The weights come from the caller: llama.cpp derives them from the
+//! importance matrix when there is one ([`importance_weights`]) and from the values otherwise.
 
 use super::{nearest_int, signed_absmax};
 
+/// Σ x², summed in order (the row and super-block statistics llama.cpp's encoders start from).
+#[inline]
+pub(crate) fn sum_of_squares(x: &[f32]) -> f32 {
+    x.iter().fold(0.0, |acc, &v| acc + v * v)
+}
+
+/// llama.cpp's per-element weights without an importance matrix, for most of its searches: `x²`.
+#[inline]
+pub(crate) fn square_weights(x: &[f32], weights: &mut [f32]) {
+    for (w, &v) in weights.iter_mut().zip(x) {
+        *w = v * v;
+    }
+}
+
+/// llama.cpp's per-element weights under an importance matrix: `importance · sqrt(sigma2 + x²)`, where
+/// `sigma2` is a mean square of the surrounding row or super-block, so that small values keep some weight.
+#[inline]
+pub(crate) fn importance_weights(x: &[f32], importance: &[f32], sigma2: f32, weights: &mut [f32]) {
+    for ((w, &v), &imp) in weights.iter_mut().zip(x).zip(importance) {
+        *w = imp * (sigma2 + v * v).sqrt();
+    }
+}
+
 /// Calls `encode(x, weights, block_bytes)` for each 32-element block of one row, with the weights
-/// llama.cpp derives from the importance values: `importance · sqrt(sigma2 + x²)`, where `sigma2` is the
-/// row's mean square (so that small elements keep some weight).
+/// llama.cpp's 32-element encoders use: [`importance_weights`] with the row's mean square as `sigma2`.
 pub(crate) fn for_each_block(
     row: &[f32],
     importance: &[f32],
@@ -17,28 +41,24 @@ pub(crate) fn for_each_block(
     block_bytes: usize,
     mut encode: impl FnMut(&[f32; 32], &[f32; 32], &mut [u8]),
 ) {
-    let sum: f32 = row.iter().fold(0.0, |acc, &x| acc + x * x);
-    let sigma2 = sum / row.len() as f32;
+    let sigma2 = sum_of_squares(row) / row.len() as f32;
     let blocks = row.chunks_exact(32).zip(importance.chunks_exact(32));
     for ((x, imp), block) in blocks.zip(dst.chunks_exact_mut(block_bytes)) {
         let x: &[f32; 32] = x.try_into().expect("chunks of 32");
-        let weights = std::array::from_fn(|j| imp[j] * (sigma2 + x[j] * x[j]).sqrt());
+        let mut weights = [0f32; 32];
+        importance_weights(x, imp, sigma2, &mut weights);
         encode(x, &weights, block);
     }
 }
 
 /// Symmetric levels `-nmax..nmax` (stored as `0..2·nmax`, i.e. offset by `nmax`) with a weighted
 /// least-squares scale, trying 18 scales around `nmax / max|x|` (llama.cpp's `make_qx_quants`,
-/// `rmse_type` 1 with explicit weights). Returns the scale; `levels` receives the stored values.
-pub(crate) fn symmetric(
-    x: &[f32; 32],
-    weights: &[f32; 32],
-    nmax: i32,
-    levels: &mut [u8; 32],
-) -> f32 {
+/// `rmse_type` 1; its "no weights" case is `weights = x²`). Returns the scale; `levels` receives the
+/// stored values.
+pub(crate) fn symmetric(x: &[f32], weights: &[f32], nmax: i32, levels: &mut [u8]) -> f32 {
     let max = signed_absmax(x);
     if max.abs() < 1e-15 {
-        *levels = [0; 32];
+        levels.fill(0);
         return 0.0;
     }
     let level = |iscale: f32, v: f32| nearest_int(iscale * v).clamp(-nmax, nmax - 1);
@@ -51,7 +71,7 @@ pub(crate) fn symmetric(
         }
         (sumlx, suml2)
     };
-    let store = |iscale: f32, levels: &mut [u8; 32]| {
+    let store = |iscale: f32, levels: &mut [u8]| {
         for (out, &v) in levels.iter_mut().zip(x) {
             *out = (level(iscale, v) + nmax) as u8;
         }
@@ -74,19 +94,221 @@ pub(crate) fn symmetric(
     scale
 }
 
-/// Affine levels `0..=nmax` with a weighted least-squares scale and minimum, trying 37 scales around
-/// `nmax / (max − min)` (llama.cpp's `make_qkx3_quants` with explicit weights, its rmin −0.9, rdelta
-/// 0.05, squared error). Returns `(scale, min)` so that `x ≈ scale·level + min`, with `min ≤ 0`.
-pub(crate) fn affine(
-    x: &[f32; 32],
-    weights: &[f32; 32],
-    nmax: i32,
-    levels: &mut [u8; 32],
-) -> (f32, f32) {
-    const RMIN: f32 = -0.9;
-    const RDELTA: f32 = 0.05;
-    const STEPS: i32 = 36;
+/// Symmetric levels as [`symmetric`], weighted by `x²`, but refined one element at a time instead of
+/// by trying scales (llama.cpp's `make_q3_quants` with `do_rmse`; Q3_K's encoder without importance).
+pub(crate) fn symmetric_refined(x: &[f32], nmax: i32, levels: &mut [u8]) -> f32 {
+    const MAX_GROUP: usize = 16;
+    let max = signed_absmax(x);
+    if max.abs() < 1e-15 {
+        levels.fill(0);
+        return 0.0;
+    }
+    let mut weights = [0f32; MAX_GROUP];
+    let weights = &mut weights[..x.len()];
+    square_weights(x, weights);
+    let mut signed = [0i32; MAX_GROUP];
+    let signed = &mut signed[..x.len()];
 
+    let iscale = -(nmax as f32) / max;
+    let (mut sumlx, mut suml2) = (0.0f32, 0.0f32);
+    for ((l, &w), &v) in signed.iter_mut().zip(weights.iter()).zip(x) {
+        *l = nearest_int(iscale * v).clamp(-nmax, nmax - 1);
+        sumlx += w * v * *l as f32;
+        suml2 += w * *l as f32 * *l as f32;
+    }
+    let rule = Refinement {
+        range: (-nmax, nmax - 1),
+        guard: Guard::AfterUpdate,
+        wrap: |l| l,
+    };
+    let (sumlx, suml2) = refine_levels(x, weights, signed, (sumlx, suml2), &rule);
+    for (out, &l) in levels.iter_mut().zip(signed.iter()) {
+        *out = (l + nmax) as u8;
+    }
+    least_squares_scale(sumlx, suml2)
+}
+
+/// Non-negative levels `0..=nmax` for non-negative values — the sub-block scales and mins of the
+/// K-quants — with a weighted least-squares scale: the best of 9 scales around `nmax / max`, then
+/// refined one element at a time (llama.cpp's `make_qp_quants`). Returns the scale. Groups of at most 16.
+pub(crate) fn positive(x: &[f32], weights: &[f32], nmax: i32, levels: &mut [u8]) -> f32 {
+    const MAX_GROUP: usize = 16;
+    // llama.cpp keeps these levels in a byte array, so a (never expected) negative value wraps.
+    let wrap = |l: i32| l as u8 as i32;
+    let max = x.iter().fold(0.0f32, |m, &v| if m > v { m } else { v });
+    if max < 1e-15 {
+        levels.fill(0);
+        return 0.0;
+    }
+    let mut stored = [0i32; MAX_GROUP];
+    let stored = &mut stored[..x.len()];
+
+    let mut iscale = nmax as f32 / max;
+    for (l, &v) in stored.iter_mut().zip(x) {
+        *l = wrap(nearest_int(iscale * v));
+    }
+    let scale = 1.0 / iscale;
+    let mut best_mse = 0.0f32;
+    for ((&l, &v), &w) in stored.iter().zip(x).zip(weights) {
+        let diff = v - scale * l as f32;
+        best_mse += w * diff * diff;
+    }
+    for step in (-4..=4).filter(|&s| s != 0) {
+        let iscale_step = (0.1 * step as f32 + nmax as f32) / max;
+        let scale_step = 1.0 / iscale_step;
+        let mut mse = 0.0f32;
+        for (&v, &w) in x.iter().zip(weights) {
+            let l = nearest_int(iscale_step * v).min(nmax);
+            let diff = v - scale_step * l as f32;
+            mse += w * diff * diff;
+        }
+        if mse < best_mse {
+            best_mse = mse;
+            iscale = iscale_step;
+        }
+    }
+
+    let (mut sumlx, mut suml2) = (0.0f32, 0.0f32);
+    for ((out, &v), &w) in stored.iter_mut().zip(x).zip(weights) {
+        let l = nearest_int(iscale * v).min(nmax);
+        *out = wrap(l);
+        sumlx += w * v * l as f32;
+        suml2 += w * l as f32 * l as f32;
+    }
+    let rule = Refinement {
+        range: (i32::MIN, nmax),
+        guard: Guard::BeforeUpdate,
+        wrap,
+    };
+    let (sumlx, suml2) = refine_levels(x, weights, stored, (sumlx, suml2), &rule);
+    for (out, &l) in levels.iter_mut().zip(stored.iter()) {
+        *out = l as u8;
+    }
+    least_squares_scale(sumlx, suml2)
+}
+
+/// Σw·x·l / Σw·l², or 0 when no weight is left (llama.cpp guards the division since all-zero
+/// importance spans and denormal values wrote NaN scales).
+#[inline]
+pub(crate) fn least_squares_scale(sumlx: f32, suml2: f32) -> f32 {
+    if suml2 > 0.0 {
+        sumlx / suml2
+    } else {
+        0.0
+    }
+}
+
+/// When a level change may be considered: llama.cpp's two refiners differ in where they require the
+/// remaining Σw·l² to be positive.
+enum Guard {
+    /// Before the candidate is computed (`make_qp_quants`).
+    BeforeUpdate,
+    /// After the candidate is added back (`make_q3_quants`).
+    AfterUpdate,
+}
+
+struct Refinement<W: Fn(i32) -> i32> {
+    /// Clamp for a candidate level.
+    range: (i32, i32),
+    guard: Guard,
+    /// How the level array stores a level (the comparisons and later sums read it back from there).
+    wrap: W,
+}
+
+/// Coordinate descent on the levels of a least-squares fit `x ≈ scale·l`: each element in turn moves
+/// to the level that the fit of the others suggests, kept when Σwxl²/Σwl² grows; up to 5 sweeps.
+/// Takes and returns (Σw·x·l, Σw·l²).
+fn refine_levels<W: Fn(i32) -> i32>(
+    x: &[f32],
+    weights: &[f32],
+    levels: &mut [i32],
+    (mut sumlx, mut suml2): (f32, f32),
+    rule: &Refinement<W>,
+) -> (f32, f32) {
+    for _ in 0..5 {
+        let mut changed = false;
+        for ((l, &v), &w) in levels.iter_mut().zip(x).zip(weights) {
+            let current = *l as f32;
+            let mut slx = sumlx - w * v * current;
+            let mut sl2 = suml2 - w * current * current;
+            let may_move = match rule.guard {
+                Guard::BeforeUpdate => slx > 0.0 && sl2 > 0.0,
+                Guard::AfterUpdate => slx > 0.0,
+            };
+            if !may_move {
+                continue;
+            }
+            let new_l = nearest_int(v * sl2 / slx).clamp(rule.range.0, rule.range.1);
+            if new_l == *l {
+                continue;
+            }
+            slx += w * v * new_l as f32;
+            sl2 += w * new_l as f32 * new_l as f32;
+            let positive = match rule.guard {
+                Guard::BeforeUpdate => true,
+                Guard::AfterUpdate => sl2 > 0.0,
+            };
+            if positive && slx * slx * suml2 > sumlx * sumlx * sl2 {
+                *l = (rule.wrap)(new_l);
+                sumlx = slx;
+                suml2 = sl2;
+                changed = true;
+            }
+        }
+        if !changed {
+            break;
+        }
+    }
+    (sumlx, suml2)
+}
+
+/// How the affine search measures a candidate's error.
+#[derive(Clone, Copy)]
+pub(crate) enum ErrorMetric {
+    Squared,
+    Absolute,
+}
+
+/// The candidate scales of an affine search: `(nmax + rmin + rdelta·i) / (max − min)` for `i` in
+/// `0..=steps`, each fitted by weighted least squares and scored with `metric`.
+pub(crate) struct AffineGrid {
+    pub rmin: f32,
+    pub rdelta: f32,
+    pub steps: i32,
+    pub metric: ErrorMetric,
+    /// Whether a candidate's levels saturate when `iscale·(x − min)` leaves `nearest_int`'s range (as
+    /// the running minimum nears the maximum), as `make_qkx3_quants` now does; `make_qkx2_quants` still
+    /// clamps whatever `nearest_int` makes of it.
+    pub saturate: bool,
+}
+
+/// The grid llama.cpp uses whenever an importance matrix is given (`make_qkx3_quants`' callers).
+pub(crate) const IMPORTANCE_GRID: AffineGrid = AffineGrid {
+    rmin: -0.9,
+    rdelta: 0.05,
+    steps: 36,
+    metric: ErrorMetric::Squared,
+    saturate: true,
+};
+
+/// Affine levels on [`IMPORTANCE_GRID`]; see [`affine_on_grid`].
+pub(crate) fn affine(x: &[f32], weights: &[f32], nmax: i32, levels: &mut [u8]) -> (f32, f32) {
+    affine_on_grid(x, weights, nmax, levels, &IMPORTANCE_GRID)
+}
+
+/// Affine levels `0..=nmax` with a weighted least-squares scale and minimum, the best over `grid`
+/// (llama.cpp's `make_qkx2_quants` / `make_qkx3_quants`, which differ only in their callers' grids and
+/// weights and in [`AffineGrid::saturate`]). Returns `(scale, min)` so that `x ≈ scale·level + min`, with `min ≤ 0`. Groups of at most 32.
+// Inlined so that each caller's constant grid (metric, saturation) specialises the inner loops.
+#[inline(always)]
+pub(crate) fn affine_on_grid(
+    x: &[f32],
+    weights: &[f32],
+    nmax: i32,
+    levels: &mut [u8],
+    grid: &AffineGrid,
+) -> (f32, f32) {
+    const MAX_GROUP: usize = 32;
     let mut min = x[0];
     let mut max = x[0];
     let mut sum_w = weights[0];
@@ -101,19 +323,22 @@ pub(crate) fn affine(
         min = 0.0;
     }
     if max <= min {
-        *levels = [0; 32];
+        levels.fill(0);
         return (0.0, min);
     }
 
     let level =
         |iscale: f32, v: f32, min: f32| nearest_int(iscale * (v - min)).clamp(0, nmax) as u8;
-    let weighted_sse = |levels: &[u8; 32], scale: f32, min: f32| {
-        let mut sse = 0.0f32;
+    let error = |levels: &[u8], scale: f32, min: f32| {
+        let mut total = 0.0f32;
         for ((&l, &v), &w) in levels.iter().zip(x).zip(weights) {
             let diff = scale * l as f32 + min - v;
-            sse += w * (diff * diff);
+            total += match grid.metric {
+                ErrorMetric::Squared => w * (diff * diff),
+                ErrorMetric::Absolute => w * diff.abs(),
+            };
         }
-        sse
+        total
     };
 
     let iscale = nmax as f32 / (max - min);
@@ -121,14 +346,24 @@ pub(crate) fn affine(
     for (out, &v) in levels.iter_mut().zip(x) {
         *out = level(iscale, v, min);
     }
-    let mut best = weighted_sse(levels, scale, min);
+    let mut best = error(levels, scale, min);
 
-    let mut candidate = [0u8; 32];
-    for step in 0..=STEPS {
-        let iscale = (RMIN + RDELTA * step as f32 + nmax as f32) / (max - min);
+    let mut candidate = [0u8; MAX_GROUP];
+    let candidate = &mut candidate[..x.len()];
+    for step in 0..=grid.steps {
+        let iscale = (grid.rmin + grid.rdelta * step as f32 + nmax as f32) / (max - min);
         let (mut sum_l, mut sum_l2, mut sum_xl) = (0.0f32, 0.0f32, 0.0f32);
         for ((out, &v), &w) in candidate.iter_mut().zip(x).zip(weights) {
-            *out = level(iscale, v, min);
+            *out = if grid.saturate {
+                let scaled = iscale * (v - min);
+                if scaled > 0.0 {
+                    nearest_int(scaled.min(nmax as f32)) as u8
+                } else {
+                    0
+                }
+            } else {
+                level(iscale, v, min)
+            };
             let l = *out as f32;
             sum_l += w * l;
             sum_l2 += w * l * l;
@@ -142,10 +377,10 @@ pub(crate) fn affine(
                 this_min = 0.0;
                 this_scale = sum_xl / sum_l2;
             }
-            let sse = weighted_sse(&candidate, this_scale, this_min);
-            if sse < best {
-                *levels = candidate;
-                best = sse;
+            let candidate_error = error(candidate, this_scale, this_min);
+            if candidate_error < best {
+                levels.copy_from_slice(candidate);
+                best = candidate_error;
                 scale = this_scale;
                 min = this_min;
             }
