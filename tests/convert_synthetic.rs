@@ -127,3 +127,50 @@ fn vocabulary_is_padded_and_pre_tokenizer_named() {
     assert_eq!(gguf.get("tokenizer.ggml.model").and_then(|v| v.as_str()), Some("gpt2"));
     assert_eq!(gguf.get("general.file_type").and_then(|v| v.as_u64()), Some(1), "MOSTLY_F16");
 }
+
+#[test]
+fn sentencepiece_vocabulary_round_trips_through_an_hf_directory() {
+    use formats::gguf::{GgufWriter, MetadataValue, TensorPlan};
+    let dir = tempfile::tempdir().unwrap();
+    let model = TinyModel { vocab: 6, ..TinyModel::new("LlamaForCausalLM") };
+    let hf = dir.path().join("hf");
+    model.write_hf(&hf, Dtype::F32, None);
+    // Re-express the tiny model as a GGUF carrying a SentencePiece-style vocabulary.
+    let first = dir.path().join("first.gguf");
+    qforge_ok(&["convert", hf.to_str().unwrap(), "-o", first.to_str().unwrap()]);
+    let src = GgufFile::open(&first).unwrap();
+    let vocab: Vec<(String, MetadataValue)> = vec![
+        ("tokenizer.ggml.model".into(), "llama".into()),
+        ("tokenizer.ggml.tokens".into(), MetadataValue::string_array(["<unk>", "<s>", "</s>", "<0x0A>", "\u{2581}a", "b"])),
+        ("tokenizer.ggml.scores".into(), MetadataValue::f32_array([0.0, 0.0, 0.0, 0.0, -1.5, -2.25])),
+        ("tokenizer.ggml.token_type".into(), MetadataValue::i32_array([2, 3, 3, 6, 1, 1])),
+        ("tokenizer.ggml.bos_token_id".into(), MetadataValue::U32(1)),
+        ("tokenizer.ggml.eos_token_id".into(), MetadataValue::U32(2)),
+        ("tokenizer.ggml.unknown_token_id".into(), MetadataValue::U32(0)),
+        ("tokenizer.ggml.add_bos_token".into(), MetadataValue::Bool(true)),
+    ];
+    let metadata: Vec<(String, MetadataValue)> = src
+        .metadata()
+        .iter()
+        .filter(|(k, _)| !k.starts_with("tokenizer."))
+        .cloned()
+        .chain(vocab.iter().cloned())
+        .collect();
+    let spm = dir.path().join("spm.gguf");
+    let plan = src.tensors().iter().map(|t| TensorPlan { name: t.name.clone(), dims: t.dims.clone(), ggml_type: t.ggml_type }).collect();
+    let mut w = GgufWriter::create(&spm, &metadata, plan).unwrap();
+    for t in src.tensors() {
+        w.write_tensor(&t.name, src.tensor_data(t)).unwrap();
+    }
+    w.finish().unwrap();
+
+    let back_hf = dir.path().join("back");
+    let back = dir.path().join("back.gguf");
+    qforge_ok(&["convert", spm.to_str().unwrap(), "-o", back_hf.to_str().unwrap()]);
+    tokenizers::Tokenizer::from_file(back_hf.join("tokenizer.json")).expect("tokenizers crate loads the export");
+    qforge_ok(&["convert", back_hf.to_str().unwrap(), "-o", back.to_str().unwrap()]);
+    let back = GgufFile::open(&back).unwrap();
+    for (key, value) in &vocab {
+        assert_eq!(back.get(key), Some(value), "{key}");
+    }
+}
