@@ -41,7 +41,7 @@ impl FloatType {
         }
     }
 
-    fn torch_name(self) -> &'static str {
+    pub(crate) fn torch_name(self) -> &'static str {
         match self {
             FloatType::F32 => "float32",
             FloatType::F16 => "float16",
@@ -58,7 +58,7 @@ impl FloatType {
         }
     }
 
-    fn of_storage(storage: crate::model::source::Storage) -> Option<Self> {
+    pub(crate) fn of_storage(storage: crate::model::source::Storage) -> Option<Self> {
         use crate::model::source::Storage::*;
         match storage {
             Ggml(GgmlType::F32) | Safetensors(Dtype::F32) => Some(FloatType::F32),
@@ -101,6 +101,9 @@ pub struct ConvertReport {
 }
 
 pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<ConvertReport> {
+    if formats::lora::peft::PeftAdapter::is_adapter_dir(input) {
+        return crate::lora::export::convert_adapter(input, output, opts);
+    }
     ensure_distinct(input, output)?;
     let started = Instant::now();
     let source = ModelSource::open(input)?;
@@ -182,7 +185,7 @@ fn write_gguf(source: &ModelSource, output: &Path, dtype: FloatType, progress: &
 }
 
 /// llama.cpp reads llama3 RoPE scaling from a `rope_freqs` tensor; an HF source needs it computed.
-fn rope_freqs_tensor(source: &ModelSource) -> Option<(GgufPlan, Vec<f32>)> {
+pub(crate) fn rope_freqs_tensor(source: &ModelSource) -> Option<(GgufPlan, Vec<f32>)> {
     let scaling = source.config.rope_scaling.as_ref()?;
     if source.tensor("rope_freqs.weight").is_some() {
         return None;

@@ -27,11 +27,12 @@ impl Tokenizer {
         if options.add_bos && options.bos.is_none() {
             anyhow::bail!("the vocabulary asks for a BOS token but names none");
         }
-        let mut inner: tokenizers::Tokenizer = tokenizer_json
-            .to_string()
-            .parse()
-            .map_err(|e| anyhow::anyhow!("{e}"))
-            .context("tokenizer.json is not a tokenizer the tokenizers crate can build")?;
+        let mut inner: tokenizers::Tokenizer =
+            tokenizer_json
+                .to_string()
+                .parse()
+                .map_err(|e| anyhow::anyhow!("{e}"))
+                .context("tokenizer.json is not a tokenizer the tokenizers crate can build")?;
         inner.set_encode_special_tokens(true);
         Ok(Self { inner, options })
     }
@@ -54,5 +55,62 @@ impl Tokenizer {
 
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// A byte-level BPE over a handful of characters: `a b → ab`, `Ġ ab → Ġab`, with `<|endoftext|>`
+    /// as a special token (id 0).
+    fn tokenizer_json() -> Value {
+        let chars = ["<|endoftext|>", "a", "b", "ab", "Ġ", "Ġab", "<", "|", "e", "n", "d", "o", "f", "t", "x", ">"];
+        let vocab: serde_json::Map<String, Value> =
+            chars.iter().enumerate().map(|(i, c)| (c.to_string(), json!(i))).collect();
+        json!({
+            "version": "1.0", "truncation": null, "padding": null, "normalizer": null,
+            "added_tokens": [{"id": 0, "content": "<|endoftext|>", "single_word": false, "lstrip": false,
+                              "rstrip": false, "normalized": false, "special": true}],
+            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+            "post_processor": null,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                      "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                      "vocab": vocab, "merges": ["a b", "Ġ ab"]},
+        })
+    }
+
+    #[test]
+    fn merges_apply_and_bos_follows_the_options() {
+        let plain = Tokenizer::from_json(&tokenizer_json(), TokenizerOptions { bos: Some(0), add_bos: false }).unwrap();
+        assert_eq!(plain.encode("ab ab").unwrap(), [3, 5]);
+        assert_eq!(plain.decode(&[3, 5]).unwrap(), "ab ab");
+        let with_bos =
+            Tokenizer::from_json(&tokenizer_json(), TokenizerOptions { bos: Some(0), add_bos: true }).unwrap();
+        assert_eq!(with_bos.encode("ab ab").unwrap(), [0, 3, 5]);
+    }
+
+    #[test]
+    fn special_token_text_is_plain_text() {
+        let t = Tokenizer::from_json(&tokenizer_json(), TokenizerOptions::default()).unwrap();
+        let ids = t.encode("a<|endoftext|>").unwrap();
+        assert!(!ids.contains(&0), "{ids:?}");
+        assert_eq!(ids.len(), 1 + "<|endoftext|>".len(), "{ids:?}");
+    }
+
+    #[test]
+    fn bad_definitions_are_errors() {
+        let err = Tokenizer::from_json(&tokenizer_json(), TokenizerOptions { bos: None, add_bos: true })
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("names none"), "{err}");
+        let err = Tokenizer::from_json(&json!({"model": {"type": "Nonsense"}}), TokenizerOptions::default())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("tokenizer.json"), "{err}");
     }
 }

@@ -5,6 +5,7 @@
 //!   encoder); [`blocks`] holds the per-format codecs the table points to.
 //! - [`gguf`]: GGUF v2/v3 reader (lazily mapped) and streaming writer.
 //! - [`safetensors`]: single-file and sharded safetensors reader (zero-copy) and streaming, sharding writer.
+//! - [`lora`]: LoRA adapter files (PEFT directories, llama.cpp LoRA GGUFs): configs and tensor names.
 //! - [`output`]: atomic output files (temporary file in the target directory, fsync, rename).
 //!
 //! Every length read from a file is checked against the file's size before anything is allocated from it,
@@ -14,6 +15,7 @@ pub mod blocks;
 pub mod error;
 pub mod ggml_type;
 pub mod gguf;
+pub mod lora;
 pub mod output;
 pub mod safetensors;
 

@@ -234,8 +234,8 @@ impl ModelSource {
         }
     }
 
-    /// Heads to permute over when the tensor is a llama q/k projection.
-    fn qk_heads(&self, t: &SourceTensor) -> Option<usize> {
+    /// Heads to permute over when the tensor is a llama q/k projection (its rows differ between HF and GGUF order).
+    pub fn qk_heads(&self, t: &SourceTensor) -> Option<usize> {
         if !self.config.arch.permutes_qk() {
             return None;
         }

@@ -19,7 +19,16 @@ pub struct TinyModel {
 
 impl TinyModel {
     pub fn new(arch: &'static str) -> Self {
-        Self { arch, hidden: 32, heads: 4, kv_heads: 2, ffn: 64, layers: 2, vocab: 300, tied: arch == "LlamaForCausalLM" }
+        Self {
+            arch,
+            hidden: 32,
+            heads: 4,
+            kv_heads: 2,
+            ffn: 64,
+            layers: 2,
+            vocab: 300,
+            tied: arch == "LlamaForCausalLM",
+        }
     }
 
     fn head_dim(&self) -> usize {
@@ -29,7 +38,8 @@ impl TinyModel {
     /// (HF name, shape) of every tensor.
     pub fn tensors(&self) -> Vec<(String, Vec<usize>)> {
         let (h, kv) = (self.hidden, self.kv_heads * self.head_dim());
-        let mut t = vec![("model.embed_tokens.weight".to_string(), vec![self.vocab, h]), ("model.norm.weight".into(), vec![h])];
+        let mut t =
+            vec![("model.embed_tokens.weight".to_string(), vec![self.vocab, h]), ("model.norm.weight".into(), vec![h])];
         if !self.tied {
             t.push(("lm_head.weight".into(), vec![self.vocab, h]));
         }
@@ -83,10 +93,7 @@ impl TinyModel {
         )
         .unwrap();
         let tensors = self.tensors();
-        let plan = tensors
-            .iter()
-            .map(|(n, s)| TensorPlan { name: n.clone(), dtype, shape: s.clone() })
-            .collect();
+        let plan = tensors.iter().map(|(n, s)| TensorPlan { name: n.clone(), dtype, shape: s.clone() }).collect();
         let mut w = Writer::create(dir, plan, BTreeMap::new(), max_shard_bytes).unwrap();
         for (name, shape) in &tensors {
             let v = Self::values(name, shape.iter().product());

@@ -1,0 +1,143 @@
+//! The model a merge starts from: an HF directory (any architecture; every tensor of its checkpoint)
+//! or a GGUF file (the llama family, through [`ModelSource`]), seen as one list of tensors in file
+//! order, each with its shape, storage, and whether its rows are in llama.cpp's permuted q/k order.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+use formats::safetensors::Checkpoint;
+
+use super::adapter::TargetName;
+use crate::model::source::Storage;
+use crate::model::ModelSource;
+
+pub enum Base {
+    Hf { dir: PathBuf, checkpoint: Checkpoint },
+    Gguf(Box<ModelSource>),
+}
+
+/// One tensor of the base.
+#[derive(Clone, Debug)]
+pub struct BaseTensor {
+    /// Its name in the file.
+    pub name: String,
+    /// HF order: outermost first (`[out, in]` for a linear weight).
+    pub shape: Vec<usize>,
+    pub storage: Storage,
+    /// A llama q/k projection stored in GGUF row order, permuted over this many heads.
+    pub qk_heads: Option<usize>,
+}
+
+impl BaseTensor {
+    /// Values per row (the innermost dim).
+    pub fn row_len(&self) -> usize {
+        self.shape.last().copied().unwrap_or(1)
+    }
+}
+
+impl Base {
+    /// An HF directory, or a GGUF file.
+    pub fn open(path: &Path) -> Result<Base> {
+        if path.is_dir() {
+            let checkpoint = Checkpoint::open(path)?;
+            return Ok(Base::Hf { dir: path.to_path_buf(), checkpoint });
+        }
+        Ok(Base::Gguf(Box::new(ModelSource::open(path)?)))
+    }
+
+    pub fn path(&self) -> &Path {
+        match self {
+            Base::Hf { dir, .. } => dir,
+            Base::Gguf(s) => &s.path,
+        }
+    }
+
+    pub fn is_gguf(&self) -> bool {
+        matches!(self, Base::Gguf(_))
+    }
+
+    /// `general.architecture` of a GGUF base.
+    pub fn gguf_architecture(&self) -> Option<&str> {
+        match self {
+            Base::Hf { .. } => None,
+            Base::Gguf(s) => s.gguf()?.architecture(),
+        }
+    }
+
+    /// Every tensor, in file order.
+    pub fn tensors(&self) -> Vec<BaseTensor> {
+        match self {
+            Base::Hf { checkpoint, .. } => checkpoint
+                .tensors()
+                .map(|t| BaseTensor {
+                    name: t.name.to_string(),
+                    shape: t.shape.to_vec(),
+                    storage: Storage::Safetensors(t.dtype),
+                    qk_heads: None,
+                })
+                .collect(),
+            Base::Gguf(s) => s
+                .tensors()
+                .iter()
+                .map(|t| BaseTensor {
+                    name: t.gguf_name.clone(),
+                    shape: t.shape.clone(),
+                    storage: t.storage,
+                    qk_heads: s.qk_heads(t),
+                })
+                .collect(),
+        }
+    }
+
+    /// Where each target name lands: its index in [`Base::tensors`].
+    pub fn index(&self) -> HashMap<TargetName, usize> {
+        let mut index = HashMap::new();
+        match self {
+            Base::Hf { checkpoint, .. } => {
+                for (i, t) in checkpoint.tensors().enumerate() {
+                    index.insert(TargetName::Hf(t.name.to_string()), i);
+                }
+            }
+            Base::Gguf(s) => {
+                for (i, t) in s.tensors().iter().enumerate() {
+                    index.insert(TargetName::Gguf(t.gguf_name.clone()), i);
+                    if let Some(hf) = &t.hf_name {
+                        index.insert(TargetName::Hf(hf.clone()), i);
+                    }
+                }
+            }
+        }
+        index
+    }
+
+    /// The tensor's bytes as stored.
+    pub fn raw(&self, t: &BaseTensor) -> &[u8] {
+        match self {
+            Base::Hf { checkpoint, .. } => checkpoint.tensor(&t.name).expect("listed tensors exist").data,
+            Base::Gguf(s) => s.raw(s.tensor(&t.name).expect("listed tensors exist")),
+        }
+    }
+
+    /// The tensor as f32 in file row order.
+    pub fn decode(&self, t: &BaseTensor) -> Result<Vec<f32>> {
+        match self {
+            Base::Hf { checkpoint, .. } => Ok(checkpoint.tensor(&t.name).expect("listed tensors exist").to_f32()?),
+            Base::Gguf(s) => s.load_gguf_order(s.tensor(&t.name).expect("listed tensors exist")),
+        }
+    }
+
+    pub fn release(&self, t: &BaseTensor) {
+        match self {
+            Base::Hf { checkpoint, .. } => checkpoint.release(&t.name),
+            Base::Gguf(s) => s.release(s.tensor(&t.name).expect("listed tensors exist")),
+        }
+    }
+
+    pub fn data_bytes(&self) -> u64 {
+        match self {
+            Base::Hf { checkpoint, .. } => checkpoint.total_bytes(),
+            Base::Gguf(s) => s.data_bytes(),
+        }
+    }
+}

@@ -1,0 +1,435 @@
+//! `qforge quantize`: a model (HF directory or GGUF file) to a GGUF file quantized with a preset.
+//!
+//! The whole plan (every tensor's output type) is fixed first, so the GGUF header is written up front
+//! and problems (requantizing without consent, a type qforge cannot encode, a bad imatrix) stop the run
+//! before any output exists. Tensors then stream one at a time from the mapped input: decoded to f32,
+//! encoded with [`quantize_tensor`], written, and released, so memory stays bounded by one tensor.
+//! Tensors are written in llama-quantize's order, so files from the same input line up byte for byte.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use formats::gguf::{GgufWriter, MetadataValue, TensorPlan};
+use formats::output::ensure_distinct;
+use formats::GgmlType;
+
+use super::imatrix::Imatrix;
+use super::presets::{plan, ModelShape, PlanOptions, Preset, TensorDesc, TensorTypeRule};
+use super::tensor::quantize_tensor;
+use crate::convert::FloatType;
+use crate::model::source::Storage;
+use crate::model::ModelSource;
+use crate::progress::Progress;
+
+/// llama.cpp's `GGML_QNT_VERSION`: the block layouts' revision, recorded in every quantized file.
+const QUANTIZATION_VERSION: u32 = 2;
+
+pub struct QuantizeOptions {
+    pub preset: Preset,
+    pub imatrix: Option<PathBuf>,
+    pub rules: Vec<TensorTypeRule>,
+    pub output_type: Option<GgmlType>,
+    pub token_embedding_type: Option<GgmlType>,
+    pub leave_output_tensor: bool,
+    pub pure: bool,
+    pub allow_requantize: bool,
+    pub progress: Progress,
+}
+
+impl QuantizeOptions {
+    pub fn new(preset: Preset) -> Self {
+        Self {
+            preset,
+            imatrix: None,
+            rules: Vec::new(),
+            output_type: None,
+            token_embedding_type: None,
+            leave_output_tensor: false,
+            pure: false,
+            allow_requantize: false,
+            progress: Progress { quiet: true },
+        }
+    }
+}
+
+/// Where a tensor's values come from.
+enum Origin {
+    /// Index into the source's tensor list.
+    Source(usize),
+    /// Computed for the GGUF (llama3 `rope_freqs` of an HF source).
+    Computed(Vec<f32>),
+}
+
+/// One output tensor.
+pub struct Step {
+    pub name: String,
+    /// GGUF order.
+    pub dims: Vec<u64>,
+    /// Its type in the input (as `qforge convert` would store it, for an HF source).
+    pub from: GgmlType,
+    pub to: GgmlType,
+    /// The type the preset chose before the row length forced `to`.
+    pub fell_back_from: Option<GgmlType>,
+    pub input_bytes: u64,
+    origin: Origin,
+}
+
+impl Step {
+    fn elements(&self) -> u64 {
+        self.dims.iter().product()
+    }
+
+    pub fn output_bytes(&self) -> u64 {
+        self.to.tensor_bytes(self.elements()).expect("planned types fit the row length")
+    }
+
+    /// The stored bytes are taken over unchanged.
+    fn is_copy(&self, source: &ModelSource) -> bool {
+        self.from == self.to && source.is_gguf() && matches!(self.origin, Origin::Source(_))
+    }
+}
+
+/// The per-tensor plan of a quantization (what `--dry-run` prints).
+pub struct ModelPlan {
+    pub preset: Preset,
+    pub steps: Vec<Step>,
+}
+
+impl ModelPlan {
+    pub fn elements(&self) -> u64 {
+        self.steps.iter().map(Step::elements).sum()
+    }
+
+    pub fn input_bytes(&self) -> u64 {
+        self.steps.iter().map(|s| s.input_bytes).sum()
+    }
+
+    pub fn output_bytes(&self) -> u64 {
+        self.steps.iter().map(Step::output_bytes).sum()
+    }
+
+    pub fn tensors_by_type(&self) -> BTreeMap<GgmlType, usize> {
+        let mut counts = BTreeMap::new();
+        for s in &self.steps {
+            *counts.entry(s.to).or_insert(0) += 1;
+        }
+        counts
+    }
+
+    pub fn fallbacks(&self) -> usize {
+        self.steps.iter().filter(|s| s.fell_back_from.is_some()).count()
+    }
+
+    /// One line per tensor, then the totals.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let n = self.steps.len();
+        for (i, s) in self.steps.iter().enumerate() {
+            let dims = format!("[{}]", s.dims.iter().map(u64::to_string).collect::<Vec<_>>().join(", "));
+            let why =
+                s.fell_back_from.map(|t| format!(" ({t} does not fit rows of {})", s.dims[0])).unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "[{:>4}/{n}] {:<36} {dims:<16} {:>6} -> {:<6} {:>11} -> {:>11}{why}",
+                i + 1,
+                s.name,
+                s.from.name(),
+                s.to.name(),
+                mib(s.input_bytes),
+                mib(s.output_bytes())
+            );
+        }
+        let _ = writeln!(
+            out,
+            "{}: {} -> {} ({:.2} bits per weight), {}",
+            self.preset,
+            mib(self.input_bytes()),
+            mib(self.output_bytes()),
+            bits_per_weight(self.output_bytes(), self.elements()),
+            type_counts(&self.tensors_by_type())
+        );
+        if self.fallbacks() > 0 {
+            let _ = writeln!(out, "{}", fallback_note(self.fallbacks()));
+        }
+        out
+    }
+}
+
+/// What a quantization wrote.
+pub struct QuantizeReport {
+    pub output: PathBuf,
+    pub preset: Preset,
+    pub input_bytes: u64,
+    pub output_bytes: u64,
+    pub elements: u64,
+    pub tensors_by_type: BTreeMap<GgmlType, usize>,
+    pub fallbacks: usize,
+    pub seconds: f64,
+}
+
+impl QuantizeReport {
+    pub fn render(&self) -> String {
+        let mut out = format!("wrote {} as {} in {:.2} s\n", self.output.display(), self.preset, self.seconds);
+        let _ = writeln!(
+            out,
+            "  input   {:>10} ({:.2} bits per weight)",
+            mib(self.input_bytes),
+            bits_per_weight(self.input_bytes, self.elements)
+        );
+        let _ = writeln!(
+            out,
+            "  output  {:>10} ({:.2} bits per weight)",
+            mib(self.output_bytes),
+            bits_per_weight(self.output_bytes, self.elements)
+        );
+        let _ = writeln!(out, "  tensors {}", type_counts(&self.tensors_by_type));
+        if self.fallbacks > 0 {
+            let _ = writeln!(out, "  {}", fallback_note(self.fallbacks));
+        }
+        out
+    }
+}
+
+fn fallback_note(n: usize) -> String {
+    format!("{n} tensors fell back to another type: their rows do not fit the one chosen first")
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.2} MiB", bytes as f64 / (1024.0 * 1024.0))
+}
+
+fn bits_per_weight(bytes: u64, elements: u64) -> f64 {
+    bytes as f64 * 8.0 / elements.max(1) as f64
+}
+
+fn type_counts(counts: &BTreeMap<GgmlType, usize>) -> String {
+    counts.iter().map(|(t, n)| format!("{n} {t}")).collect::<Vec<_>>().join(", ")
+}
+
+/// The plan for quantizing `input`, without writing anything.
+pub fn dry_run(input: &Path, opts: &QuantizeOptions) -> Result<ModelPlan> {
+    let source = ModelSource::open(input)?;
+    plan_model(&source, opts, read_imatrix(opts)?.is_some())
+}
+
+fn read_imatrix(opts: &QuantizeOptions) -> Result<Option<(Imatrix, &Path)>> {
+    opts.imatrix.as_deref().map(|path| Ok((Imatrix::read(path)?, path))).transpose()
+}
+
+/// Quantizes `input` into the GGUF file `output`.
+pub fn quantize(input: &Path, output: &Path, opts: &QuantizeOptions) -> Result<QuantizeReport> {
+    ensure_distinct(input, output)?;
+    if output.is_dir() {
+        bail!("{}: is a directory; GGUF output is a single file", output.display());
+    }
+    let started = Instant::now();
+    let source = ModelSource::open(input)?;
+    let imatrix = read_imatrix(opts)?;
+    let plan = plan_model(&source, opts, imatrix.is_some())?;
+    check_feasible(&source, &plan, opts.allow_requantize)?;
+
+    let importance = imatrix.as_ref().map(|(m, path)| importance_for(&plan, m, path)).transpose()?;
+    let mut metadata = crate::convert::gguf_metadata(&source, opts.preset.file_type());
+    // llama-quantize sets these two last, in this order; doing the same keeps the whole file identical
+    // to its output for the same input.
+    metadata.retain(|(k, _)| k != "general.file_type");
+    metadata.push(("general.quantization_version".into(), MetadataValue::U32(QUANTIZATION_VERSION)));
+    metadata.push(("general.file_type".into(), MetadataValue::U32(opts.preset.file_type())));
+    if let Some((m, path)) = &imatrix {
+        metadata.extend(imatrix_metadata(m, path));
+    }
+    let tensor_plans =
+        plan.steps.iter().map(|s| TensorPlan { name: s.name.clone(), dims: s.dims.clone(), ggml_type: s.to }).collect();
+    let mut writer = GgufWriter::create(output, &metadata, tensor_plans)?;
+    let bar = opts.progress.bytes_bar("quantize", plan.input_bytes());
+    for (i, step) in plan.steps.iter().enumerate() {
+        bar.set_message(step.name.clone());
+        let weights = importance.as_ref().and_then(|w| w[i].as_deref());
+        write_step(&source, step, weights, &mut writer)?;
+        bar.inc(step.input_bytes);
+    }
+    writer.finish()?;
+    bar.finish_and_clear();
+    Ok(QuantizeReport {
+        output: output.to_path_buf(),
+        preset: opts.preset,
+        input_bytes: plan.input_bytes(),
+        output_bytes: plan.output_bytes(),
+        elements: plan.elements(),
+        tensors_by_type: plan.tensors_by_type(),
+        fallbacks: plan.fallbacks(),
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+fn write_step(source: &ModelSource, step: &Step, importance: Option<&[f32]>, writer: &mut GgufWriter) -> Result<()> {
+    let (values, tensor) = match &step.origin {
+        Origin::Source(i) => {
+            let t = &source.tensors()[*i];
+            if step.is_copy(source) {
+                writer.write_tensor(&step.name, source.raw(t))?;
+                source.release(t);
+                return Ok(());
+            }
+            (Cow::Owned(source.load_gguf_order(t)?), Some(t))
+        }
+        Origin::Computed(values) => (Cow::Borrowed(values.as_slice()), None),
+    };
+    let bytes = quantize_tensor(&values, step.dims[0] as usize, step.to, importance)
+        .map_err(|e| anyhow!("{}: tensor '{}': {e}", source.path.display(), step.name))?;
+    drop(values);
+    writer.write_tensor(&step.name, &bytes)?;
+    if let Some(t) = tensor {
+        source.release(t);
+    }
+    Ok(())
+}
+
+/// The type llama.cpp would see the tensor in: a GGUF's own, or what `qforge convert` stores for an HF
+/// tensor (1-D tensors as F32, matrices in their float type).
+fn current_type(source: &ModelSource, storage: Storage, rank: usize, name: &str) -> Result<GgmlType> {
+    match storage {
+        Storage::Ggml(t) => Ok(t),
+        Storage::Safetensors(_) if rank == 1 => Ok(GgmlType::F32),
+        Storage::Safetensors(d) => FloatType::of_storage(storage).map(FloatType::ggml).ok_or_else(|| {
+            anyhow!(
+                "{}: tensor '{name}' is stored as {}; qforge quantizes F32, F16 and BF16 checkpoints",
+                source.path.display(),
+                d.name()
+            )
+        }),
+    }
+}
+
+/// Lists the output tensors (the source's plus any the GGUF needs computed) and plans their types.
+pub fn plan_model(source: &ModelSource, opts: &QuantizeOptions, has_imatrix: bool) -> Result<ModelPlan> {
+    let mut descs = Vec::new();
+    let mut origins = Vec::new();
+    let mut input_bytes = Vec::new();
+    for (i, t) in source.tensors().iter().enumerate() {
+        let current = current_type(source, t.storage, t.shape.len(), &t.gguf_name)?;
+        descs.push(TensorDesc { name: t.gguf_name.clone(), dims: t.gguf_dims(), current });
+        origins.push(Some(Origin::Source(i)));
+        input_bytes.push(source.raw(t).len() as u64);
+    }
+    if let Some((rope, values)) = crate::convert::rope_freqs_tensor(source) {
+        input_bytes.push(values.len() as u64 * 4);
+        descs.push(TensorDesc { name: rope.name, dims: rope.dims, current: GgmlType::F32 });
+        origins.push(Some(Origin::Computed(values)));
+    }
+    let plan_opts = PlanOptions {
+        preset: opts.preset,
+        rules: opts.rules.clone(),
+        output_type: opts.output_type,
+        token_embedding_type: opts.token_embedding_type,
+        leave_output_tensor: opts.leave_output_tensor,
+        pure: opts.pure,
+        has_imatrix,
+    };
+    let planned = plan(&ModelShape::of(&source.config), &descs, &plan_opts)
+        .with_context(|| format!("{}", source.path.display()))?;
+    let steps = planned
+        .into_iter()
+        .map(|p| {
+            let desc = &descs[p.index];
+            Step {
+                name: p.name,
+                dims: desc.dims.clone(),
+                from: desc.current,
+                to: p.ty,
+                fell_back_from: p.fell_back_from,
+                input_bytes: input_bytes[p.index],
+                origin: origins[p.index].take().expect("each tensor is planned once"),
+            }
+        })
+        .collect();
+    Ok(ModelPlan { preset: opts.preset, steps })
+}
+
+/// Refuses, before any output exists, what cannot or should not be done.
+fn check_feasible(source: &ModelSource, plan: &ModelPlan, allow_requantize: bool) -> Result<()> {
+    let path = source.path.display();
+    let encoded = plan.steps.iter().filter(|s| !s.is_copy(source));
+    if let Some(s) = encoded.clone().find(|s| s.to.traits().quantize.is_none()) {
+        bail!("{path}: tensor '{}' needs {}, and qforge cannot encode {} yet", s.name, s.to, s.to);
+    }
+    let requantized: Vec<&Step> = encoded.filter(|s| s.from.is_quantized()).collect();
+    if let Some(first) = requantized.first() {
+        if !allow_requantize {
+            bail!(
+                "{path}: tensor '{}' is already {}; requantizing loses quality (pass --allow-requantize to do it anyway)",
+                first.name,
+                first.from
+            );
+        }
+        eprintln!(
+            "warning: {path}: requantizing {} tensors that are already quantized; the result is worse than \
+             quantizing from F16/F32",
+            requantized.len()
+        );
+    }
+    Ok(())
+}
+
+/// Each step's importance vector, or `None` where the imatrix has none to give (as llama-quantize, it
+/// then quantizes without one). A vector of the wrong size is an error. The token embedding is exempt
+/// from both checks: it is looked up, never multiplied, so imatrix tools have nothing to record for it.
+fn importance_for(plan: &ModelPlan, imatrix: &Imatrix, path: &Path) -> Result<Vec<Option<Vec<f32>>>> {
+    let mut missing = Vec::new();
+    let mut out = Vec::with_capacity(plan.steps.len());
+    for s in &plan.steps {
+        if !s.to.is_quantized() || s.from == s.to {
+            out.push(None);
+            continue;
+        }
+        let is_embedding = s.name == "token_embd.weight";
+        let Some(w) = imatrix.importance(&s.name) else {
+            if !is_embedding {
+                missing.push(s.name.as_str());
+            }
+            out.push(None);
+            continue;
+        };
+        if w.len() as u64 != s.dims[0] {
+            if is_embedding {
+                out.push(None);
+                continue;
+            }
+            bail!(
+                "{}: entry '{}' has {} values; the tensor has rows of {}",
+                path.display(),
+                s.name,
+                w.len(),
+                s.dims[0]
+            );
+        }
+        out.push(Some(w));
+    }
+    if !missing.is_empty() {
+        eprintln!(
+            "warning: {}: no importance data for {} quantized tensors ({}{}); they are quantized without it",
+            path.display(),
+            missing.len(),
+            missing[..missing.len().min(3)].join(", "),
+            if missing.len() > 3 { ", ..." } else { "" }
+        );
+    }
+    Ok(out)
+}
+
+/// The `quantize.imatrix.*` keys llama-quantize records.
+fn imatrix_metadata(imatrix: &Imatrix, path: &Path) -> Vec<(String, MetadataValue)> {
+    let mut kv = vec![("quantize.imatrix.file".to_string(), MetadataValue::from(path.display().to_string().as_str()))];
+    if let Some(d) = imatrix.datasets.first() {
+        kv.push(("quantize.imatrix.dataset".into(), MetadataValue::from(d.as_str())));
+    }
+    kv.push(("quantize.imatrix.entries_count".into(), MetadataValue::U32(imatrix.entries.len() as u32)));
+    if imatrix.chunk_count > 0 {
+        kv.push(("quantize.imatrix.chunks_count".into(), MetadataValue::U32(imatrix.chunk_count)));
+    }
+    kv
+}

@@ -1,0 +1,109 @@
+//! Matrix products against weights kept in their storage format.
+//!
+//! [`Linear`] is the one interface the forward pass multiplies through: `y = x · Wᵀ` for a batch of
+//! f32 activation rows. [`GgmlLinear`] implements it for every GGML type the type table can decode,
+//! borrowing the weight bytes from the mapped file, so no f32 copy of the model ever exists:
+//! - batches ([`gemm`]): blocks of weight rows are decoded into an f32 scratch buffer and multiplied
+//!   with faer's GEMM, so each weight is decoded once per batch;
+//! - one or a few tokens ([`gemv`]): small row chunks are decoded right before the dot products that
+//!   consume them, while they are still in cache.
+//!
+//! Activations stay f32 throughout: the runtime measures the weights, not kernel shortcuts.
+
+mod gemm;
+mod gemv;
+#[cfg(test)]
+mod reference;
+#[cfg(test)]
+mod tests;
+
+use std::ops::Range;
+
+use faer::MatMut;
+use formats::GgmlType;
+
+/// Batches with fewer rows than this take the GEMV path.
+const GEMM_MIN_ROWS: usize = 5;
+
+/// A linear layer without bias: `out_features × in_features` weights.
+pub trait Linear: Send + Sync {
+    fn in_features(&self) -> usize;
+    fn out_features(&self) -> usize;
+    /// `y = x · Wᵀ` for `x` of `n × in_features` and `y` of `n × out_features`, both row-major.
+    fn forward(&self, x: &[f32], y: &mut [f32]);
+}
+
+/// A weight matrix in a GGML storage type, borrowed as stored: `rows` rows of `cols` elements, each
+/// row a whole number of blocks.
+#[derive(Clone, Copy, Debug)]
+pub struct GgmlLinear<'a> {
+    ty: GgmlType,
+    rows: usize,
+    cols: usize,
+    row_bytes: usize,
+    data: &'a [u8],
+}
+
+impl<'a> GgmlLinear<'a> {
+    /// Checks that `ty` can be decoded and that `data` holds exactly `rows` rows of `cols` elements.
+    pub fn new(ty: GgmlType, rows: usize, cols: usize, data: &'a [u8]) -> Result<Self, String> {
+        if ty.traits().dequantize.is_none() {
+            return Err(format!("{ty} weights are not supported by the runtime"));
+        }
+        let row_bytes = ty
+            .row_bytes(cols as u64)
+            .ok_or_else(|| format!("rows of {cols} elements are not whole {ty} blocks of {}", ty.block_size()))?
+            as usize;
+        if rows.checked_mul(row_bytes) != Some(data.len()) {
+            return Err(format!("{} bytes of {ty} data do not hold {rows} rows of {cols} elements", data.len()));
+        }
+        Ok(Self { ty, rows, cols, row_bytes, data })
+    }
+
+    pub fn ty(&self) -> GgmlType {
+        self.ty
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Decodes the weight rows in `rows` into `dst` (`rows.len() × cols`).
+    pub fn decode_rows(&self, rows: Range<usize>, dst: &mut [f32]) {
+        let src = &self.data[rows.start * self.row_bytes..rows.end * self.row_bytes];
+        self.ty.dequantize(src, dst).expect("sizes were checked when the matrix was built");
+    }
+}
+
+impl Linear for GgmlLinear<'_> {
+    fn in_features(&self) -> usize {
+        self.cols
+    }
+
+    fn out_features(&self) -> usize {
+        self.rows
+    }
+
+    fn forward(&self, x: &[f32], y: &mut [f32]) {
+        let n = x.len() / self.cols;
+        assert!(x.len() == n * self.cols && y.len() == n * self.rows, "activation shapes do not match the weights");
+        if n >= GEMM_MIN_ROWS {
+            gemm::gemm(self, x, n, y);
+        } else {
+            gemv::gemv(self, x, n, y);
+        }
+    }
+}
+
+/// A row-major `nrows × ncols` view with rows `row_stride` apart.
+///
+/// faer 0.24's own `MatMut::from_row_major_slice_with_stride_mut` checks row-major bounds but builds a
+/// column-major view (unit row stride), so products written through it land outside the slice; the
+/// transposed column-major view is what it should have built.
+pub(crate) fn row_major_mut(slice: &mut [f32], nrows: usize, ncols: usize, row_stride: usize) -> MatMut<'_, f32> {
+    MatMut::from_column_major_slice_with_stride_mut(slice, ncols, nrows, row_stride).transpose_mut()
+}
