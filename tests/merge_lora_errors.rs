@@ -180,3 +180,31 @@ fn requests_that_do_not_fit_the_base_are_errors() {
         "blk.0.attn_q.weight has rows of 32 values, not a whole number of Q4_K blocks",
     );
 }
+
+#[test]
+fn lora_gguf_export_refuses_what_llama_cpp_cannot_hold() {
+    let s = setup();
+    let base = p(&s.base).to_string();
+    let cases = [
+        (
+            "dora",
+            json!({"r": 2, "lora_alpha": 4, "use_dora": true, "target_modules": ["q_proj"], "base_model_name_or_path": base}),
+            "DoRA",
+        ),
+        (
+            "nobase",
+            json!({"r": 2, "lora_alpha": 4, "target_modules": ["q_proj"], "base_model_name_or_path": "org/absent"}),
+            "neither a local path",
+        ),
+    ];
+    for (name, config, problem) in cases {
+        let mut tensors = q_pair(&[2, HIDDEN], &[HIDDEN, 2]);
+        if config["use_dora"] == true {
+            tensors.push(Tensor::seeded(format!("{Q0}.lora_magnitude_vector"), &[HIDDEN], 1.0));
+        }
+        let a = s.adapter(name, config, &tensors);
+        let out = s.dir.path().join(format!("{name}.gguf"));
+        assert_clean_failure(&qforge(&["convert", p(&a), "-o", p(&out)]), &a, problem);
+        assert!(!out.exists());
+    }
+}

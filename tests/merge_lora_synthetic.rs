@@ -463,3 +463,57 @@ fn dtype_converts_every_float_tensor_and_the_config() {
     let config: Value = serde_json::from_str(&std::fs::read_to_string(merged.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["torch_dtype"], "bfloat16");
 }
+
+#[test]
+fn llama_cpp_lora_gguf_export_folds_per_module_scales_and_transposes_embeddings() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = llama();
+    let (heads, vocab) = (model.heads, model.vocab);
+    let base = tiny(dir.path(), model);
+    // rsLoRA with a per-module rank: llama.cpp's single alpha / r cannot express both scales.
+    let (q, v, e) = (attn(0, "q_proj"), attn(1, "v_proj"), "model.embed_tokens");
+    let mut tensors: Vec<Tensor> =
+        lora_pair(&q, 2, HIDDEN, HIDDEN).into_iter().chain(lora_pair(&v, 4, HIDDEN, KV)).collect();
+    tensors.push(Tensor::seeded(key(e, "lora_embedding_A"), &[4, vocab], 0.5));
+    tensors.push(Tensor::seeded(key(e, "lora_embedding_B"), &[HIDDEN, 4], 0.5));
+    let config = json!({"r": 4, "lora_alpha": 6, "use_rslora": true, "rank_pattern": {"q_proj": 2},
+                        "target_modules": ["q_proj", "v_proj", "embed_tokens"], "base_model_name_or_path": p(&base)});
+    let adapter = dir.path().join("adapter");
+    write_adapter(&adapter, &config, &tensors);
+    let lora = dir.path().join("adapter.gguf");
+    qforge_ok(&["convert", p(&adapter), "-o", p(&lora)]);
+    let file = GgufFile::open(&lora).unwrap();
+    // alpha reproduces the config's scale at its own rank: 6 / sqrt(4) * 4.
+    assert_eq!(file.get("adapter.lora.alpha").unwrap().as_f64(), Some(12.0));
+    assert_eq!(file.tensor("token_embd.weight.lora_a").unwrap().dims, vec![4, vocab as u64]);
+    assert_eq!(file.tensor("token_embd.weight.lora_b").unwrap().dims, vec![4, HIDDEN as u64]);
+    assert_eq!(file.tensor("blk.0.attn_q.weight.lora_a").unwrap().dims, vec![HIDDEN as u64, 2]);
+
+    let gguf = dir.path().join("base.gguf");
+    qforge_ok(&["convert", p(&base), "-o", p(&gguf), "--dtype", "f32"]);
+    let scale = |r: f64| 6.0 / r.sqrt();
+    let embedding = transpose(
+        &lora_delta(
+            values_of(&tensors, &key(e, "lora_embedding_A")),
+            values_of(&tensors, &key(e, "lora_embedding_B")),
+            4,
+            scale(4.0),
+        ),
+        HIDDEN,
+        vocab,
+    );
+    let expected = [
+        ("blk.0.attn_q.weight", llama_cpp_permute(&delta(&tensors, &q, 2, scale(2.0)), heads, HIDDEN)),
+        ("blk.1.attn_v.weight", delta(&tensors, &v, 4, scale(4.0))),
+        ("token_embd.weight", embedding),
+    ];
+    let b = GgufFile::open(&gguf).unwrap();
+    for adapter in [&adapter, &lora] {
+        let out = dir.path().join("merged.gguf");
+        merge_json(&[p(&gguf), "--adapter", p(adapter), "-o", p(&out)]);
+        let m = GgufFile::open(&out).unwrap();
+        for (name, d) in &expected {
+            assert_close(name, &gguf_tensor(&m, name), &plus(&gguf_tensor(&b, name), d));
+        }
+    }
+}
