@@ -112,7 +112,8 @@ fn compare_with_tokenizers_crate(hf_dir: &Path, text_file: &Path, ids_json: &Pat
 
 /// One F32 export of the fixture feeds every check: gguf-py must read the fixture, qforge's F32 and F16
 /// GGUFs to the values qforge reports for them; llama.cpp must compute the same logits from qforge's F32
-/// GGUF as from its own F32 conversion of the fixture, and tokenize like the export's `tokenizer.json`.
+/// GGUF as from its own F32 conversion of the fixture, tokenize like the export's `tokenizer.json`, and
+/// quantize the F16 GGUF to Q8_0, Q4_0 and Q4_1 with the same bytes as `qforge quantize`.
 #[test]
 fn llama_cpp_clients_agree_with_qforge() {
     let Some(fixture) = fixture_model() else { return };
@@ -137,6 +138,18 @@ fn llama_cpp_clients_agree_with_qforge() {
     convert(&path("f16.gguf"), &path("f16.hf"), "safetensors", "f32");
     results.push(run_script(&python, "gguf_py_check.py", &[&path("f16.gguf"), &path("f16.hf"), &vocab]));
     std::fs::remove_dir_all(path("f16.hf")).unwrap();
+
+    // qforge quantize vs llama.cpp's quantizer, from the same F16 GGUF.
+    let mut specs: Vec<String> = Vec::new();
+    for ty in ["Q8_0", "Q4_0", "Q4_1"] {
+        let out = path(&format!("qforge-{ty}.gguf"));
+        qforge_ok(&["quantize", path("f16.gguf").to_str().unwrap(), "-o", out.to_str().unwrap(), "--type", ty]);
+        specs.push(format!("{ty}={}", out.display()));
+    }
+    let (f16, work) = (path("f16.gguf"), dir.path().to_path_buf());
+    let mut args: Vec<&dyn AsRef<OsStr>> = vec![&f16, &work];
+    args.extend(specs.iter().map(|s| s as &dyn AsRef<OsStr>));
+    results.push(run_script(&python, "llama_quantize.py", &args));
     std::fs::remove_file(path("f16.gguf")).unwrap();
 
     results.push(run_script(
