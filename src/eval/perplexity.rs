@@ -87,8 +87,7 @@ pub fn chunk_tokens(tokens: &[u32], ctx: usize, index: usize, bos: Option<u32>) 
 /// `−log softmax(logits)[target]`, computed as llama.cpp does: f32 differences from the maximum,
 /// exponentials summed in f64.
 pub fn token_nll(logits: &[f32], target: u32) -> f64 {
-    let max = math::max(logits);
-    let sum_exp = math::sum_exp(logits, max);
+    let (max, sum_exp) = math::softmax_normalizer(logits);
     -((logits[target as usize] - max) as f64 - sum_exp.ln())
 }
 
@@ -103,6 +102,9 @@ pub fn perplexity(
     let ctx = opts.ctx;
     if ctx < 4 {
         bail!("a context of {ctx} tokens is too short to score (at least 4)");
+    }
+    if opts.chunks == Some(0) {
+        bail!("scoring 0 chunks measures nothing (--chunks must be at least 1)");
     }
     if tokens.len() < 2 * ctx {
         bail!("the text has {} tokens; a context of {ctx} needs at least {}", tokens.len(), 2 * ctx);
@@ -233,5 +235,18 @@ mod tests {
         assert_eq!(limited.chunks, 2);
         let err = perplexity(&model, &tokens[..15], bos, &opts, |_, _| {}).unwrap_err().to_string();
         assert!(err.contains("needs at least 16"), "{err}");
+        let none = PerplexityOptions { ctx, chunks: Some(0) };
+        let err = perplexity(&model, &tokens, bos, &none, |_, _| {}).unwrap_err().to_string();
+        assert!(err.contains("at least 1"), "{err}");
+    }
+
+    #[test]
+    fn a_model_without_a_vocabulary_cannot_tokenize() {
+        let m = synthetic::write(synthetic::config(Architecture::Llama, true, false), GgmlType::F32, 10);
+        let text = m.gguf.with_extension("txt");
+        std::fs::write(&text, "some text").unwrap();
+        let opts = PerplexityOptions { ctx: 8, chunks: None };
+        let err = format!("{:#}", run(&m.gguf, &text, &opts, |_, _| {}).unwrap_err());
+        assert!(err.contains("carries no tokenizer") && err.contains(&m.gguf.display().to_string()), "{err}");
     }
 }

@@ -2,8 +2,10 @@
 //!
 //! The whole plan (every tensor's output type) is fixed first, so the GGUF header is written up front
 //! and problems (requantizing without consent, a type qforge cannot encode, a bad imatrix) stop the run
-//! before any output exists. Tensors then stream one at a time from the mapped input: decoded to f32,
-//! encoded with [`quantize_tensor`], written, and released, so memory stays bounded by one tensor.
+//! before any output exists. Tensors then stream one at a time from the mapped input: encoded with
+//! [`quantize_rows`] (threads decode the stored rows as they encode them), released, and handed to a
+//! writer thread that writes one tensor while the next is encoded, so memory stays bounded by two
+//! tensors' output.
 //! Tensors are written in llama-quantize's order, so files from the same input line up byte for byte.
 
 use std::borrow::Cow;
@@ -16,12 +18,13 @@ use anyhow::{anyhow, bail, Context, Result};
 use formats::gguf::{GgufWriter, MetadataValue, TensorPlan};
 use formats::output::ensure_distinct;
 use formats::GgmlType;
+use indicatif::ProgressBar;
 
 use super::imatrix::Imatrix;
 use super::presets::{plan, ModelShape, PlanOptions, Preset, TensorDesc, TensorTypeRule};
-use super::tensor::quantize_tensor;
+use super::tensor::{quantize_rows, Rows};
 use crate::convert::FloatType;
-use crate::model::source::Storage;
+use crate::model::source::{SourceTensor, Storage};
 use crate::model::ModelSource;
 use crate::progress::Progress;
 
@@ -244,15 +247,9 @@ pub fn quantize(input: &Path, output: &Path, opts: &QuantizeOptions) -> Result<Q
     }
     let tensor_plans =
         plan.steps.iter().map(|s| TensorPlan { name: s.name.clone(), dims: s.dims.clone(), ggml_type: s.to }).collect();
-    let mut writer = GgufWriter::create(output, &metadata, tensor_plans)?;
+    let writer = GgufWriter::create(output, &metadata, tensor_plans)?;
     let bar = opts.progress.bytes_bar("quantize", plan.input_bytes());
-    for (i, step) in plan.steps.iter().enumerate() {
-        bar.set_message(step.name.clone());
-        let weights = importance.as_ref().and_then(|w| w[i].as_deref());
-        write_step(&source, step, weights, &mut writer)?;
-        bar.inc(step.input_bytes);
-    }
-    writer.finish()?;
+    write_tensors(&source, &plan, importance.as_deref(), writer, &bar)?;
     bar.finish_and_clear();
     Ok(QuantizeReport {
         output: output.to_path_buf(),
@@ -266,27 +263,99 @@ pub fn quantize(input: &Path, output: &Path, opts: &QuantizeOptions) -> Result<Q
     })
 }
 
-fn write_step(source: &ModelSource, step: &Step, importance: Option<&[f32]>, writer: &mut GgufWriter) -> Result<()> {
-    let (values, tensor) = match &step.origin {
+/// Encodes the plan's tensors in order and writes them. A writer thread takes each tensor's bytes
+/// while the next one is encoded, so the cores are not idle during writes; the hand-over waits for the
+/// writer, so at most two tensors' output exist at a time.
+fn write_tensors(
+    source: &ModelSource,
+    plan: &ModelPlan,
+    importance: Option<&[Option<Vec<f32>>]>,
+    mut writer: GgufWriter,
+    bar: &ProgressBar,
+) -> Result<()> {
+    std::thread::scope(|scope| {
+        let (send, receive) = std::sync::mpsc::sync_channel::<Encoded>(0);
+        let writing = scope.spawn(move || -> Result<GgufWriter> {
+            for encoded in receive {
+                writer.write_tensor(encoded.name, &encoded.bytes)?;
+                if let Some(t) = encoded.release {
+                    source.release(t);
+                }
+            }
+            Ok(writer)
+        });
+        let mut encoding = Ok(());
+        for (i, step) in plan.steps.iter().enumerate() {
+            bar.set_message(step.name.clone());
+            let weights = importance.and_then(|w| w[i].as_deref());
+            let encoded = match encode_step(source, step, weights) {
+                Ok(encoded) => encoded,
+                Err(e) => {
+                    encoding = Err(e);
+                    break;
+                }
+            };
+            // A refused hand-over means the writer stopped on an error, which its result reports.
+            if send.send(encoded).is_err() {
+                break;
+            }
+            bar.inc(step.input_bytes);
+        }
+        drop(send);
+        let writer = writing.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        encoding?;
+        writer?.finish()?;
+        Ok(())
+    })
+}
+
+/// One step's output bytes, ready for the writer.
+struct Encoded<'a> {
+    name: &'a str,
+    bytes: Cow<'a, [u8]>,
+    /// A tensor whose stored bytes are `bytes`: released once they are written.
+    release: Option<&'a SourceTensor>,
+}
+
+fn encode_step<'a>(
+    source: &'a ModelSource,
+    step: &'a Step,
+    importance: Option<&[f32]>,
+) -> Result<Encoded<'a>> {
+    let encode = |rows: Rows| {
+        quantize_rows(rows, step.dims[0] as usize, step.to, importance)
+            .map_err(|e| anyhow!("{}: tensor '{}': {e}", source.path.display(), step.name))
+    };
+    let bytes = match &step.origin {
+        Origin::Computed(values) => encode(Rows::F32(values))?,
         Origin::Source(i) => {
             let t = &source.tensors()[*i];
             if step.is_copy(source) {
-                writer.write_tensor(&step.name, source.raw(t))?;
-                source.release(t);
-                return Ok(());
+                return Ok(Encoded { name: &step.name, bytes: Cow::Borrowed(source.raw(t)), release: Some(t) });
             }
-            (Cow::Owned(source.load_gguf_order(t)?), Some(t))
+            let bytes = match stored_gguf_rows(source, t) {
+                Some(rows) => encode(rows)?,
+                None => encode(Rows::F32(&source.load_gguf_order(t)?))?,
+            };
+            source.release(t);
+            bytes
         }
-        Origin::Computed(values) => (Cow::Borrowed(values.as_slice()), None),
     };
-    let bytes = quantize_tensor(&values, step.dims[0] as usize, step.to, importance)
-        .map_err(|e| anyhow!("{}: tensor '{}': {e}", source.path.display(), step.name))?;
-    drop(values);
-    writer.write_tensor(&step.name, &bytes)?;
-    if let Some(t) = tensor {
-        source.release(t);
+    Ok(Encoded { name: &step.name, bytes: Cow::Owned(bytes), release: None })
+}
+
+/// The tensor's stored bytes, when they already are its GGUF rows in a decodable type (all but the
+/// q/k projections of an HF checkpoint, whose rows are permuted), so that the threads encoding the
+/// rows decode them, a few at a time, instead of the whole tensor being decoded first.
+fn stored_gguf_rows<'a>(source: &'a ModelSource, t: &SourceTensor) -> Option<Rows<'a>> {
+    if !source.is_gguf() && source.qk_heads(t).is_some() {
+        return None;
     }
-    Ok(())
+    let ty = match t.storage {
+        Storage::Ggml(ty) => ty,
+        storage => FloatType::of_storage(storage)?.ggml(),
+    };
+    ty.traits().dequantize.is_some().then(|| Rows::Encoded { bytes: source.raw(t), ty })
 }
 
 /// The type llama.cpp would see the tensor in: a GGUF's own, or what `qforge convert` stores for an HF

@@ -1,8 +1,13 @@
-//! [`quantize_tensor`]: one tensor's f32 rows to GGML blocks, rows in parallel.
+//! [`quantize_tensor`]: one tensor's f32 rows to GGML blocks, rows in parallel; [`quantize_rows`] does
+//! the same from rows still encoded (F16, BF16, a block type), each thread decoding only the few rows
+//! it is about to encode, so the tensor never exists as f32 in memory.
 //!
 //! Every row is encoded by its own call to the type table's encoder, so the bytes depend only on the
 //! row (and the importance vector), never on how rows were spread over threads.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use formats::ggml_type::DequantizeFn;
 use formats::GgmlType;
 use rayon::prelude::*;
 
@@ -11,14 +16,72 @@ use rayon::prelude::*;
 pub enum QuantizeError {
     #[error("qforge cannot encode {0} yet")]
     NoEncoder(GgmlType),
+    #[error("qforge cannot decode {0}")]
+    NoDecoder(GgmlType),
     #[error("rows of {row_len} values are not a whole number of {ty} blocks ({} values each)", ty.block_size())]
     RowNotWholeBlocks { row_len: usize, ty: GgmlType },
     #[error("{len} values are not a whole number of rows of {row_len}")]
     Ragged { len: usize, row_len: usize },
+    #[error("{bytes} bytes of {ty} are not a whole number of rows of {row_len} values")]
+    RaggedEncoded { bytes: usize, ty: GgmlType, row_len: usize },
     #[error("the importance vector has {got} values, one per column ({row_len}) is needed")]
     ImportanceLength { got: usize, row_len: usize },
     #[error("value {value} at row {row}, column {column}: weights must be finite to be quantized")]
     NonFinite { row: usize, column: usize, value: f32 },
+}
+
+/// A tensor's rows (GGUF row order), as [`quantize_rows`] reads them.
+#[derive(Clone, Copy)]
+pub enum Rows<'a> {
+    /// Decoded values.
+    F32(&'a [f32]),
+    /// Stored values: `bytes` hold whole rows of type `ty`.
+    Encoded { bytes: &'a [u8], ty: GgmlType },
+}
+
+/// [`Rows`] checked against the row length: knows how many rows there are and hands out a range of
+/// them as f32.
+struct RowReader<'a> {
+    source: Source<'a>,
+    row_len: usize,
+    n_rows: usize,
+}
+
+enum Source<'a> {
+    F32(&'a [f32]),
+    Encoded { bytes: &'a [u8], row_bytes: usize, decode: DequantizeFn },
+}
+
+impl<'a> RowReader<'a> {
+    fn new(rows: Rows<'a>, row_len: usize) -> Result<Self, QuantizeError> {
+        match rows {
+            Rows::F32(values) if values.len() % row_len == 0 => {
+                Ok(Self { source: Source::F32(values), row_len, n_rows: values.len() / row_len })
+            }
+            Rows::F32(values) => Err(QuantizeError::Ragged { len: values.len(), row_len }),
+            Rows::Encoded { bytes, ty } => {
+                let decode = ty.traits().dequantize.ok_or(QuantizeError::NoDecoder(ty))?;
+                let row_bytes =
+                    ty.row_bytes(row_len as u64).ok_or(QuantizeError::RowNotWholeBlocks { row_len, ty })? as usize;
+                if bytes.len() % row_bytes != 0 {
+                    return Err(QuantizeError::RaggedEncoded { bytes: bytes.len(), ty, row_len });
+                }
+                Ok(Self { source: Source::Encoded { bytes, row_bytes, decode }, row_len, n_rows: bytes.len() / row_bytes })
+            }
+        }
+    }
+
+    /// Rows `first..first + n` as f32: borrowed when already decoded, else decoded into `scratch`.
+    fn read<'s>(&'s self, first: usize, n: usize, scratch: &'s mut Vec<f32>) -> &'s [f32] {
+        match self.source {
+            Source::F32(values) => &values[first * self.row_len..(first + n) * self.row_len],
+            Source::Encoded { bytes, row_bytes, decode } => {
+                scratch.resize(n * self.row_len, 0.0);
+                decode(&bytes[first * row_bytes..(first + n) * row_bytes], scratch);
+                scratch
+            }
+        }
+    }
 }
 
 /// Encodes `values` (rows of `row_len`, GGUF row order) as `ty`, one encoder call per row.
@@ -31,26 +94,55 @@ pub fn quantize_tensor(
     ty: GgmlType,
     importance: Option<&[f32]>,
 ) -> Result<Vec<u8>, QuantizeError> {
+    quantize_rows(Rows::F32(values), row_len, ty, importance)
+}
+
+/// [`quantize_tensor`] for rows in any decodable form; the bytes are the same as for the decoded values.
+pub fn quantize_rows(
+    rows: Rows,
+    row_len: usize,
+    ty: GgmlType,
+    importance: Option<&[f32]>,
+) -> Result<Vec<u8>, QuantizeError> {
+    // Values per task: enough to make rayon's per-task cost negligible, few enough that a decoded
+    // chunk stays in cache between decoding and encoding.
+    const CHUNK_VALUES: usize = 16 * 1024;
     let encode = ty.traits().quantize.ok_or(QuantizeError::NoEncoder(ty))?;
     let row_bytes =
         ty.row_bytes(row_len as u64).filter(|_| row_len > 0).ok_or(QuantizeError::RowNotWholeBlocks { row_len, ty })?
             as usize;
-    if values.len() % row_len != 0 {
-        return Err(QuantizeError::Ragged { len: values.len(), row_len });
-    }
+    let reader = RowReader::new(rows, row_len)?;
     if let Some(w) = importance.filter(|w| w.len() != row_len) {
         return Err(QuantizeError::ImportanceLength { got: w.len(), row_len });
     }
-    if let Some(i) = values.par_iter().position_first(|v| !v.is_finite()) {
-        return Err(QuantizeError::NonFinite { row: i / row_len, column: i % row_len, value: values[i] });
+    let mut out = vec![0u8; reader.n_rows * row_bytes];
+    let rows_per_chunk = (CHUNK_VALUES / row_len).max(1);
+    // Each row is checked just before it is encoded, while it is in cache; the first bad row is the
+    // one reported whatever the thread count.
+    let first_bad_row = AtomicUsize::new(usize::MAX);
+    out.par_chunks_mut(rows_per_chunk * row_bytes).enumerate().for_each_init(Vec::new, |scratch, (c, dst)| {
+        let first = c * rows_per_chunk;
+        let values = reader.read(first, dst.len() / row_bytes, scratch);
+        for (r, (src, dst)) in values.chunks_exact(row_len).zip(dst.chunks_exact_mut(row_bytes)).enumerate() {
+            if !all_finite(src) {
+                first_bad_row.fetch_min(first + r, Ordering::Relaxed);
+                return;
+            }
+            encode(src, dst, importance);
+        }
+    });
+    let row = first_bad_row.into_inner();
+    if row != usize::MAX {
+        let values = reader.read(row, 1, &mut Vec::new()).to_vec();
+        let column = values.iter().position(|v| !v.is_finite()).expect("the row holds a non-finite value");
+        return Err(QuantizeError::NonFinite { row, column, value: values[column] });
     }
-    let mut out = vec![0u8; values.len() / row_len * row_bytes];
-    // Rows are small (hundreds of values); batching a few per task keeps rayon's overhead negligible.
-    out.par_chunks_mut(row_bytes)
-        .zip(values.par_chunks(row_len))
-        .with_min_len(16)
-        .for_each(|(dst, src)| encode(src, dst, importance));
     Ok(out)
+}
+
+/// Branch-free, so that it vectorises: a short-circuiting scan costs more than some encoders do.
+fn all_finite(values: &[f32]) -> bool {
+    values.iter().fold(true, |ok, v| ok & v.is_finite())
 }
 
 #[cfg(test)]

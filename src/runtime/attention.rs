@@ -123,9 +123,6 @@ pub fn attention(q: &[f32], keys: &[f32], values: &[f32], heads: Heads, first_po
 /// Softmax over the first `visible` entries; the rest (future positions) become 0.
 fn softmax_causal(row: &mut [f32], visible: usize) {
     let (seen, future) = row.split_at_mut(visible);
-    let max = math::max(seen);
-    seen.iter_mut().for_each(|v| *v = math::exp(*v - max));
-    let inv = 1.0 / math::sum::<f32>(seen);
-    seen.iter_mut().for_each(|v| *v *= inv);
+    math::softmax(seen);
     future.fill(0.0);
 }

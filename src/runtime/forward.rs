@@ -5,10 +5,11 @@
 use std::ops::Range;
 
 use anyhow::{bail, Result};
+use rayon::prelude::*;
 
 use super::attention::{attention, KvCache};
 use super::kernels::Linear;
-use super::math::exp;
+use super::math;
 use super::model::{Layer, Model};
 use super::rope::RopeTable;
 
@@ -122,7 +123,8 @@ impl Model<'_> {
         rms_norm(&mut buf.h, &layer.ffn_norm, self.config.rms_norm_eps);
         layer.w_gate.forward(&buf.h, &mut buf.gate);
         layer.w_up.forward(&buf.h, &mut buf.up);
-        swiglu(&mut buf.gate, &buf.up);
+        let ffn = self.config.intermediate_size;
+        buf.gate.par_chunks_mut(ffn).zip(buf.up.par_chunks(ffn)).for_each(|(g, u)| math::silu_mul(g, u));
         layer.w_down.forward(&buf.gate, &mut buf.out);
         add(x, &buf.out);
     }
@@ -145,9 +147,4 @@ fn add_bias(x: &mut [f32], bias: &[f32]) {
 
 fn add(x: &mut [f32], y: &[f32]) {
     x.iter_mut().zip(y).for_each(|(a, b)| *a += b);
-}
-
-/// `gate ← silu(gate) · up`.
-fn swiglu(gate: &mut [f32], up: &[f32]) {
-    gate.iter_mut().zip(up).for_each(|(g, &u)| *g = *g / (1.0 + exp(-*g)) * u);
 }

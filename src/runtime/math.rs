@@ -1,12 +1,15 @@
-//! Elementwise math for the softmax, SiLU and log-softmax loops, written so the compiler vectorizes it.
+//! The elementwise loops of the forward pass and the scoring (softmax, SiLU, log-softmax), written so
+//! the compiler vectorizes them, each with an AVX2 build (see `runtime::simd`).
 //!
 //! - [`exp`]: calling libm's `expf` once per element is slow twice over: the call keeps the loop
 //!   scalar, and glibc's AVX-encoded `expf` returning into SSE-encoded code after faer's AVX-512
 //!   kernels pays a register-state transition per call, which measured at tens of nanoseconds. This
 //!   one inlines into the loop. It is Cephes' `expf`: `x = n·ln2 + r`, a polynomial for `e^r` (within
 //!   about 1 ulp of the true value), and `2^n` built in the exponent bits.
-//! - [`max`], [`sum`], [`sum_exp`]: reductions over independent lanes, since a single running value forces the
-//!   elements through one at a time.
+//! - Reductions run over independent lanes, since a single running value forces the elements through
+//!   one at a time.
+
+use super::simd::avx2_dispatch;
 
 const LOG2E: f32 = std::f32::consts::LOG2_E;
 /// ln 2 split into a part exact in few bits and the remainder, so `n·ln2` subtracts without rounding.
@@ -21,16 +24,20 @@ const ROUND: f32 = 12_582_912.0;
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
     let clamped = x.clamp(MIN_ARG, MAX_ARG);
-    let n = (clamped * LOG2E + ROUND) - ROUND;
+    let shifted = clamped * LOG2E + ROUND;
+    let n = shifted - ROUND;
     let r = clamped - n * LN2_HI - n * LN2_LO;
     let mut p = 1.987_569_2e-4;
     p = p * r + 1.398_199_9e-3;
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 0.5;
     let e_r = p * r * r + r + 1.0;
-    let two_n = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // `shifted`'s low mantissa bits hold n (its ulp is 1); taking it from the bits, not with `as i32`,
+    // keeps the loop in vector registers.
+    let n_bits = shifted.to_bits().wrapping_sub(ROUND.to_bits());
+    let two_n = f32::from_bits(n_bits.wrapping_add(127) << 23);
     if x < MIN_ARG {
         0.0
     } else if x > MAX_ARG {
@@ -43,7 +50,8 @@ pub fn exp(x: f32) -> f32 {
 const LANES: usize = 16;
 
 /// The largest element (`-∞` for an empty slice).
-pub fn max(x: &[f32]) -> f32 {
+#[inline(always)]
+fn max(x: &[f32]) -> f32 {
     let mut lanes = [f32::NEG_INFINITY; LANES];
     let chunks = x.chunks_exact(LANES);
     let tail = chunks.remainder();
@@ -56,7 +64,8 @@ pub fn max(x: &[f32]) -> f32 {
 }
 
 /// The sum, accumulated in `T` (f32 or f64).
-pub fn sum<T: Copy + Default + std::ops::Add<Output = T> + From<f32>>(x: &[f32]) -> T {
+#[inline(always)]
+fn sum<T: Copy + Default + std::ops::Add<Output = T> + From<f32>>(x: &[f32]) -> T {
     let mut lanes = [T::default(); LANES];
     let chunks = x.chunks_exact(LANES);
     let tail = chunks.remainder();
@@ -68,8 +77,9 @@ pub fn sum<T: Copy + Default + std::ops::Add<Output = T> + From<f32>>(x: &[f32])
     tail.iter().map(|&v| T::from(v)).chain(lanes).fold(T::default(), |a, b| a + b)
 }
 
-/// `Σ e^(x − shift)`, accumulated in f64: the normalizer of a log-softmax.
-pub fn sum_exp(x: &[f32], shift: f32) -> f64 {
+/// `Σ e^(x − shift)`, accumulated in f64.
+#[inline(always)]
+fn sum_exp(x: &[f32], shift: f32) -> f64 {
     let mut lanes = [0f64; LANES];
     let chunks = x.chunks_exact(LANES);
     let tail = chunks.remainder();
@@ -79,6 +89,40 @@ pub fn sum_exp(x: &[f32], shift: f32) -> f64 {
         }
     }
     tail.iter().map(|&v| exp(v - shift) as f64).chain(lanes).sum()
+}
+
+avx2_dispatch! {
+    /// `x ← softmax(x)`.
+    pub fn softmax(x: &mut [f32]) = softmax_body;
+}
+
+#[inline(always)]
+fn softmax_body(x: &mut [f32]) {
+    let max = max(x);
+    x.iter_mut().for_each(|v| *v = exp(*v - max));
+    let inv = 1.0 / sum::<f32>(x);
+    x.iter_mut().for_each(|v| *v *= inv);
+}
+
+avx2_dispatch! {
+    /// The largest logit and `Σ e^(logit − max)` (in f64): what a log-softmax needs.
+    pub fn softmax_normalizer(logits: &[f32]) -> (f32, f64) = softmax_normalizer_body;
+}
+
+#[inline(always)]
+fn softmax_normalizer_body(logits: &[f32]) -> (f32, f64) {
+    let max = max(logits);
+    (max, sum_exp(logits, max))
+}
+
+avx2_dispatch! {
+    /// `gate ← silu(gate) · up`, SwiGLU's gating.
+    pub fn silu_mul(gate: &mut [f32], up: &[f32]) = silu_mul_body;
+}
+
+#[inline(always)]
+fn silu_mul_body(gate: &mut [f32], up: &[f32]) {
+    gate.iter_mut().zip(up).for_each(|(g, &u)| *g = *g / (1.0 + exp(-*g)) * u);
 }
 
 #[cfg(test)]

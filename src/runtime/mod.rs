@@ -4,7 +4,8 @@
 //! - [`forward`]: the forward pass, one small function per operation.
 //! - [`attention`]: causal grouped-query attention and the [`KvCache`].
 //! - [`rope`]: rotary position embedding in either pair layout.
-//! - [`math`]: `exp` and reductions written for the vectorizer.
+//! - [`math`]: the elementwise loops (softmax, SiLU, log-softmax), written for the vectorizer.
+//! - `simd`: run-time dispatch to AVX2 builds of the hot loops.
 //! - [`kernels`]: the [`Linear`] interface and its per-format GEMM/GEMV kernels.
 //! - [`tokenizer`]: the model's tokenizer, giving llama.cpp's token ids.
 //!
@@ -16,6 +17,7 @@ pub mod kernels;
 pub mod math;
 pub mod model;
 pub mod rope;
+mod simd;
 pub mod tokenizer;
 
 #[cfg(test)]

@@ -20,3 +20,34 @@ pub fn tokenizer(source: &ModelSource) -> Result<Tokenizer> {
 fn adds_bos(vocab: &Vocab) -> bool {
     vocab.add_bos.unwrap_or(vocab.model == "llama" || vocab.pre.as_deref() == Some("llama-bpe"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::vocab::{token_type, SpecialTokens};
+
+    fn vocab(model: &str, pre: Option<&str>, add_bos: Option<bool>) -> Vocab {
+        Vocab {
+            model: model.into(),
+            pre: pre.map(str::to_string),
+            tokens: vec!["<s>".into(), "a".into()],
+            token_types: vec![token_type::CONTROL, token_type::NORMAL],
+            scores: None,
+            merges: vec![],
+            special: SpecialTokens { bos: Some(0), ..Default::default() },
+            add_bos,
+            add_eos: None,
+            add_space_prefix: None,
+            chat_template: None,
+        }
+    }
+
+    #[test]
+    fn bos_follows_the_metadata_then_llama_cpp_defaults() {
+        assert!(adds_bos(&vocab("llama", None, None)), "SentencePiece vocabularies add BOS by default");
+        assert!(adds_bos(&vocab("gpt2", Some("llama-bpe"), None)), "so does Llama 3's");
+        assert!(!adds_bos(&vocab("gpt2", Some("smollm"), None)));
+        assert!(!adds_bos(&vocab("llama", None, Some(false))), "the metadata decides when present");
+        assert!(adds_bos(&vocab("gpt2", Some("smollm"), Some(true))));
+    }
+}

@@ -62,24 +62,29 @@ pub(crate) fn block_weights(
 /// The block scale minimising Σw·(x − d·CODEBOOK[q])² over 15 trial scales around `max|x| / 127`
 /// (llama.cpp's `quantize_row_iq4_nl_impl`, `ntry` 7); 0 for an all-zero block.
 pub(crate) fn fit_scale(x: &[f32; BLOCK], weights: &[f32; BLOCK]) -> f32 {
+    // ggml's starting scale, then its 15 trial scales.
+    const TRIES: usize = 16;
     let max = signed_absmax(x);
     if max.abs() < 1e-15 {
         return 0.0;
     }
-    let fit = |id: f32| {
-        let (mut sumqx, mut sumq2) = (0.0f32, 0.0f32);
-        for (&v, &w) in x.iter().zip(weights) {
-            let q = CODEBOOK[nearest_index(id * v)] as f32;
-            sumqx += w * q * v;
-            sumq2 += w * q * q;
+    let mut inverse_scales = [1.0 / (-max / CODEBOOK[0] as f32); TRIES];
+    for (id, step) in inverse_scales[1..].iter_mut().zip(-7..=7) {
+        *id = (step + CODEBOOK[0] as i32) as f32 / max;
+    }
+    // All tries are fitted at once, one vector lane each, so that their sums grow side by side instead
+    // of each waiting on its own chain of additions (each still adds in element order, as ggml does).
+    let (mut sumqx, mut sumq2) = ([0f32; TRIES], [0f32; TRIES]);
+    for (&v, &w) in x.iter().zip(weights) {
+        for t in 0..TRIES {
+            let q = nearest_level(inverse_scales[t] * v);
+            sumqx[t] += w * q * v;
+            sumq2[t] += w * q * q;
         }
-        (sumqx, sumq2)
-    };
-    let (sumqx, sumq2) = fit(1.0 / (-max / CODEBOOK[0] as f32));
-    let mut d = scale_search::least_squares_scale(sumqx, sumq2);
-    let mut best = d * sumqx;
-    for step in -7..=7 {
-        let (sumqx, sumq2) = fit((step + CODEBOOK[0] as i32) as f32 / max);
+    }
+    let mut d = scale_search::least_squares_scale(sumqx[0], sumq2[0]);
+    let mut best = d * sumqx[0];
+    for (&sumqx, &sumq2) in sumqx[1..].iter().zip(&sumq2[1..]) {
         if sumq2 > 0.0 && sumqx * sumqx > best * sumq2 {
             d = sumqx / sumq2;
             best = d * sumqx;
@@ -90,35 +95,46 @@ pub(crate) fn fit_scale(x: &[f32; BLOCK], weights: &[f32; BLOCK]) -> f32 {
 
 /// Codebook indices of 32 values scaled by `id`, packed as [`decode_nibbles`] reads them.
 pub(crate) fn encode_nibbles(x: &[f32], id: f32, qs: &mut [u8]) {
-    let q: [u8; BLOCK] = std::array::from_fn(|j| nearest_index(id * x[j]) as u8);
+    let mut q = [0u8; BLOCK];
+    for (q, &v) in q.iter_mut().zip(x) {
+        let level = nearest_level(id * v);
+        *q = LEVELS.iter().map(|&l| u8::from(l < level)).sum();
+    }
     pack_nibbles(&q, qs);
 }
 
-/// The codebook entry nearest to `x` (ggml's `best_index_int8`: binary search, ties to the upper entry;
-/// NaN lands on the last entry).
-fn nearest_index(x: f32) -> usize {
-    let value = |i: usize| CODEBOOK[i] as f32;
-    if x <= value(0) {
-        return 0;
+/// The codebook entry nearest to `x`, as ggml's `best_index_int8` picks it: between the two entries
+/// around `x`, the upper one unless `x` is strictly nearer the lower (compared in f32); NaN lands on
+/// the last entry. Without branches (ggml's binary search mispredicts about every other step), so that
+/// the scale search, which runs this 16 times per value, vectorises.
+#[inline(always)]
+fn nearest_level(x: f32) -> f32 {
+    // The largest entry not above `x` (the first when none is) is the first plus the gaps below the
+    // entries `x` reaches, the smallest entry above `x` (the last when none is) the first plus the gaps
+    // above them. The sums are of small integers, so exact. NaN "reaches" every entry.
+    let (mut lower, mut upper) = (LEVELS[0], LEVELS[0]);
+    for i in 0..15 {
+        let gap = LEVELS[i + 1] - LEVELS[i];
+        upper += if x < LEVELS[i] { 0.0 } else { gap };
+        lower += if x < LEVELS[i + 1] { 0.0 } else { gap };
     }
-    if x >= value(15) {
-        return 15;
-    }
-    let (mut lo, mut hi) = (0, 15);
-    while hi - lo > 1 {
-        let mid = (lo + hi) / 2;
-        if x < value(mid) {
-            hi = mid;
-        } else {
-            lo = mid;
-        }
-    }
-    if x - value(hi - 1) < value(hi) - x {
-        hi - 1
+    if upper - x <= x - lower {
+        upper
     } else {
-        hi
+        lower
     }
 }
+
+/// [`CODEBOOK`] as f32.
+const LEVELS: [f32; 16] = {
+    let mut levels = [0f32; 16];
+    let mut i = 0;
+    while i < 16 {
+        levels[i] = CODEBOOK[i] as f32;
+        i += 1;
+    }
+    levels
+};
 
 #[cfg(test)]
 mod tests {
@@ -146,6 +162,31 @@ mod tests {
         dequantize(&block, &mut y);
         for i in 0..BLOCK {
             assert_eq!(y[i], 0.25 * levels[q[i] as usize] as f32, "element {i}");
+        }
+    }
+
+    /// The index [`encode_nibbles`] stores for `x`.
+    fn nearest_index(x: f32) -> usize {
+        let mut qs = [0u8; 16];
+        encode_nibbles(&[x; BLOCK], 1.0, &mut qs);
+        (qs[0] & 0xF) as usize
+    }
+
+    #[test]
+    fn nearest_index_picks_the_nearer_neighbour_and_the_upper_on_ties() {
+        assert_eq!(nearest_index(-1000.0), 0);
+        assert_eq!(nearest_index(-127.0), 0);
+        assert_eq!(nearest_index(113.0), 15);
+        assert_eq!(nearest_index(1000.0), 15);
+        assert_eq!(nearest_index(f32::NAN), 15);
+        for (i, pair) in LEVELS.windows(2).enumerate() {
+            let (lo, hi) = (pair[0], pair[1]);
+            let mid = (lo + hi) / 2.0;
+            assert_eq!(nearest_index(lo), i, "entry {i}");
+            assert_eq!(nearest_index(mid), i + 1, "midpoint above entry {i}");
+            assert_eq!(nearest_index(mid - 0.01), i, "just below the midpoint above entry {i}");
+            assert_eq!(nearest_index(mid + 0.01), i + 1, "just above the midpoint above entry {i}");
+            assert_eq!(nearest_index(hi - 0.01), i + 1, "just below entry {}", i + 1);
         }
     }
 

@@ -46,15 +46,23 @@ pub(crate) fn nearest_int(x: f32) -> i32 {
 /// encoders pick it: it maps to the most negative level.
 #[inline]
 pub(crate) fn signed_absmax(x: &[f32]) -> f32 {
-    let mut amax = 0.0f32;
-    let mut max = 0.0f32;
-    for &v in x {
-        if amax < v.abs() {
-            amax = v.abs();
-            max = v;
+    // llama.cpp keeps the element whenever `amax < |v|`: the first of the largest magnitude, NaN never.
+    // Found in two passes (the magnitude over eight lanes, then its first holder) instead of one loop
+    // whose branch mispredicts at every new maximum.
+    let step = |m: f32, v: &f32| if v.abs() > m { v.abs() } else { m };
+    let mut lanes = [0f32; 8];
+    let chunks = x.chunks_exact(8);
+    let rest = chunks.remainder().iter().fold(0.0, step);
+    for chunk in chunks {
+        for (m, v) in lanes.iter_mut().zip(chunk) {
+            *m = step(*m, v);
         }
     }
-    max
+    let amax = lanes.iter().fold(rest, step);
+    if amax == 0.0 {
+        return 0.0;
+    }
+    x.iter().find(|v| v.abs() == amax).copied().unwrap_or(0.0)
 }
 
 /// The largest value, or 0 when none is positive: the largest sub-block scale (or min) of the K-quants,
@@ -291,6 +299,22 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn signed_absmax_keeps_the_first_largest_magnitude() {
+        assert_eq!(signed_absmax(&[1.0, -3.0, 3.0, 2.0]), -3.0);
+        assert_eq!(signed_absmax(&[1.0, 3.0, -3.0, 2.0]), 3.0);
+        assert_eq!(signed_absmax(&[f32::NAN, -0.5, 0.25, f32::NAN]), -0.5);
+        assert_eq!(signed_absmax(&[f32::NAN; 3]), 0.0);
+        assert_eq!(signed_absmax(&[-0.0, 0.0]).to_bits(), 0.0f32.to_bits());
+        assert_eq!(signed_absmax(&[]), 0.0);
+        let mut x: Vec<f32> = (0..37).map(|i| ((i * 7919) % 41) as f32 - 20.0).collect();
+        x[30] = -25.0;
+        x[35] = 25.0;
+        assert_eq!(signed_absmax(&x), -25.0);
+        x[3] = f32::NEG_INFINITY;
+        assert_eq!(signed_absmax(&x), f32::NEG_INFINITY);
     }
 
     #[test]

@@ -69,18 +69,9 @@ fn plain_scales(x: &[f32; QK_K], levels: &mut [u8; QK_K]) -> ([u8; 16], f32, f32
         metric: ErrorMetric::Absolute,
         saturate: false,
     };
-    let mut scales = [0f32; 16];
-    let mut mins = [0f32; 16];
-    for (j, (xs, ls)) in x
-        .chunks_exact(16)
-        .zip(levels.chunks_exact_mut(16))
-        .enumerate()
-    {
-        let weights: [f32; 16] = std::array::from_fn(|l| xs[l].abs());
-        let (scale, min) = scale_search::affine_on_grid(xs, &weights, 3, ls, &GRID);
-        scales[j] = scale;
-        mins[j] = -min;
-    }
+    let weights = x.map(f32::abs);
+    let (scales, mins) = scale_search::affine_on_grid::<16, 16>(x, &weights, 3, levels, &GRID);
+    let mins = mins.map(|m| -m);
     let (max_scale, max_min) = (positive_max(&scales), positive_max(&mins));
 
     // Bytes as llama.cpp's C assignments leave them (an int truncated to a byte).
@@ -112,21 +103,14 @@ fn weighted_scales(
     levels: &mut [u8; QK_K],
 ) -> ([u8; 16], f32, f32) {
     let sigma2 = scale_search::sum_of_squares(x) / QK_K as f32;
-    let mut scales = [0f32; 16];
-    let mut mins = [0f32; 16];
     let mut sums = [0f32; 16];
-    let mut weights = [0f32; 16];
-    for (j, (xs, ls)) in x
-        .chunks_exact(16)
-        .zip(levels.chunks_exact_mut(16))
-        .enumerate()
-    {
-        scale_search::importance_weights(xs, &importance[16 * j..], sigma2, &mut weights);
-        sums[j] = weights.iter().fold(0.0, |acc, &w| acc + w);
-        let (scale, min) = scale_search::affine(xs, &weights, 3, ls);
-        scales[j] = scale;
-        mins[j] = -min;
+    let mut weights = [0f32; QK_K];
+    for (j, (xs, ws)) in x.chunks_exact(16).zip(weights.chunks_exact_mut(16)).enumerate() {
+        scale_search::importance_weights(xs, &importance[16 * j..], sigma2, ws);
+        sums[j] = ws.iter().fold(0.0, |acc, &w| acc + w);
     }
+    let (scales, mins) = scale_search::affine::<16, 16>(x, &weights, 3, levels);
+    let mins = mins.map(|m| -m);
     let (mut ls, mut lm) = ([0u8; 16], [0u8; 16]);
     let d = scale_search::positive(&scales, &sums, 15, &mut ls);
     let dmin = scale_search::positive(&mins, &sums, 15, &mut lm);

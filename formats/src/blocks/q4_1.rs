@@ -44,7 +44,7 @@ fn quantize_plain(src: &[f32], dst: &mut [u8]) {
 fn quantize_weighted(src: &[f32], dst: &mut [u8], importance: &[f32]) {
     scale_search::for_each_block(src, importance, dst, BYTES, |x, w, b| {
         let mut q = [0u8; BLOCK];
-        let (d, m) = scale_search::affine(x, w, 15, &mut q);
+        let ([d], [m]) = scale_search::affine::<1, BLOCK>(x, w, 15, &mut q);
         write_f16(b, 0, d);
         write_f16(b, 2, m);
         pack_nibbles(&q, &mut b[4..]);

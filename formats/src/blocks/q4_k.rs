@@ -68,6 +68,8 @@ pub(crate) fn pack_low_nibbles(levels: &[u8; QK_K], qs: &mut [u8]) {
 /// Without importance each sub-block is fitted on `plain_grid` with weights `rms + |x|` and the 6-bit
 /// values are scaled to the largest pair; with importance the fits use [`scale_search::IMPORTANCE_GRID`]
 /// and the 6-bit values come from a weighted fit of their own ([`scale_search::positive`]).
+// Inlined so that each caller's constant grid specialises the search (see `affine_on_grid`).
+#[inline(always)]
 pub(crate) fn encode_scales(
     x: &[f32; QK_K],
     importance: Option<&[f32]>,
@@ -76,22 +78,20 @@ pub(crate) fn encode_scales(
     block: &mut [u8],
 ) -> [u8; QK_K] {
     let mut levels = [0u8; QK_K];
-    let mut scales = [0f32; 8];
-    let mut mins = [0f32; 8];
-    let mut weights = [0f32; 32];
-    let sub_blocks = x.chunks_exact(32).zip(levels.chunks_exact_mut(32));
+    let mut weights = [0f32; QK_K];
+    let sub_blocks = x.chunks_exact(32).zip(weights.chunks_exact_mut(32));
 
     let (ls, lm, d, dmin) = match importance {
         None => {
-            for (j, (xs, ls)) in sub_blocks.enumerate() {
+            for (xs, ws) in sub_blocks {
                 let rms = (scale_search::sum_of_squares(xs) / 32.0).sqrt();
-                for (w, &v) in weights.iter_mut().zip(xs) {
+                for (w, &v) in ws.iter_mut().zip(xs) {
                     *w = rms + v.abs();
                 }
-                let (scale, min) = scale_search::affine_on_grid(xs, &weights, nmax, ls, plain_grid);
-                scales[j] = scale;
-                mins[j] = -min;
             }
+            let (scales, mins) =
+                scale_search::affine_on_grid::<8, 32>(x, &weights, nmax, &mut levels, plain_grid);
+            let mins = mins.map(|m| -m);
             let (max_scale, max_min) = (positive_max(&scales), positive_max(&mins));
             let six_bits = |values: &[f32; 8], max: f32| -> [u8; 8] {
                 let inverse = if max > 0.0 { 63.0 / max } else { 0.0 };
@@ -107,13 +107,12 @@ pub(crate) fn encode_scales(
         Some(importance) => {
             let sigma2 = 2.0 * scale_search::sum_of_squares(x) / QK_K as f32;
             let mut sums = [0f32; 8];
-            for (j, (xs, ls)) in sub_blocks.enumerate() {
-                scale_search::importance_weights(xs, &importance[32 * j..], sigma2, &mut weights);
-                sums[j] = weights.iter().fold(0.0, |acc, &w| acc + w);
-                let (scale, min) = scale_search::affine(xs, &weights, nmax, ls);
-                scales[j] = scale;
-                mins[j] = -min;
+            for (j, (xs, ws)) in sub_blocks.enumerate() {
+                scale_search::importance_weights(xs, &importance[32 * j..], sigma2, ws);
+                sums[j] = ws.iter().fold(0.0, |acc, &w| acc + w);
             }
+            let (scales, mins) = scale_search::affine::<8, 32>(x, &weights, nmax, &mut levels);
+            let mins = mins.map(|m| -m);
             let (mut ls, mut lm) = ([0u8; 8], [0u8; 8]);
             let d = scale_search::positive(&scales, &sums, 63, &mut ls);
             let dmin = scale_search::positive(&mins, &sums, 63, &mut lm);

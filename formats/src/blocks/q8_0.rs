@@ -18,15 +18,47 @@ pub fn dequantize(src: &[u8], dst: &mut [f32]) {
 /// Importance is ignored, as in llama.cpp: 8 bits leave no scale choice worth searching.
 pub fn quantize(src: &[f32], dst: &mut [u8], _importance: Option<&[f32]>) {
     for (x, b) in src.chunks_exact(BLOCK).zip(dst.chunks_exact_mut(BYTES)) {
-        let amax = x
-            .iter()
-            .fold(0.0f32, |m, v| if m > v.abs() { m } else { v.abs() });
-        let d = amax / 127.0;
+        let d = abs_max(x) / 127.0;
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         write_f16(b, 0, d);
         for (q, &v) in b[2..].iter_mut().zip(x) {
-            *q = c_cast_to_byte((v * id).round());
+            *q = round_to_byte(v * id);
         }
+    }
+}
+
+/// The largest |x| as llama.cpp's loop `amax = MAX(amax, fabsf(x))` finds it, NaN included: a NaN
+/// is replaced by the next magnitude, and is the result only when last.
+#[inline]
+fn abs_max(x: &[f32]) -> f32 {
+    let step = |m: f32, v: &f32| if m > v.abs() { m } else { v.abs() };
+    if x.iter().fold(false, |nan, v| nan | v.is_nan()) {
+        return x.iter().fold(0.0, step);
+    }
+    // Without NaN the order does not matter: eight running maxima side by side, instead of one chain.
+    let mut lanes = [0f32; 8];
+    let chunks = x.chunks_exact(8);
+    let rest = chunks.remainder().iter().fold(0.0, step);
+    for chunk in chunks {
+        for (m, v) in lanes.iter_mut().zip(chunk) {
+            *m = step(*m, v);
+        }
+    }
+    lanes.iter().fold(rest, step)
+}
+
+/// [`c_cast_to_byte`]`(y.round())` (C's `(int8_t)roundf(y)`: half away from zero) without the libm
+/// call, so that it vectorises. Below 2²³ the truncated integer and the remainder are exact; from
+/// there on `y` is already whole.
+#[inline]
+fn round_to_byte(y: f32) -> u8 {
+    let truncated = y as i32;
+    let rest = y - truncated as f32;
+    let rounded = truncated + i32::from(rest >= 0.5) - i32::from(rest <= -0.5);
+    if y.abs() < 2_147_483_648.0 {
+        rounded as u8
+    } else {
+        c_cast_to_byte(y)
     }
 }
 
@@ -35,6 +67,39 @@ mod tests {
     use super::*;
     use crate::blocks::test_data::{adversarial_rows, Rng};
     use half::f16;
+
+    #[test]
+    fn rounding_matches_roundf_then_c_cast() {
+        let mut ys = vec![0.0f32, -0.0, 0.5, -0.5, 1.5, -2.5, 126.5, -127.5, 127.49999, 1e9, -3e9, 2.0e38];
+        ys.extend([f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 8388607.5, 8388608.0, 16777217.0, 2147483520.0]);
+        for k in -300..300 {
+            let half = k as f32 + 0.5;
+            ys.extend([half, half.next_up(), half.next_down(), k as f32 * 0.37]);
+        }
+        for y in ys {
+            assert_eq!(round_to_byte(y), c_cast_to_byte(y.round()), "{y}");
+        }
+    }
+
+    #[test]
+    fn abs_max_matches_the_sequential_loop() {
+        let sequential = |x: &[f32]| x.iter().fold(0.0f32, |m, v| if m > v.abs() { m } else { v.abs() });
+        let mut rng = Rng::new(5);
+        for case in 0..200 {
+            let mut x: Vec<f32> = (0..BLOCK).map(|_| rng.unit() * 2.0).collect();
+            if case % 3 == 0 {
+                x[rng.next_u64() as usize % BLOCK] = f32::NAN;
+            }
+            if case % 7 == 0 {
+                x[BLOCK - 1] = f32::NAN;
+            }
+            if case % 5 == 0 {
+                x[rng.next_u64() as usize % BLOCK] = f32::NEG_INFINITY;
+            }
+            let (ours, theirs) = (abs_max(&x), sequential(&x));
+            assert!(ours.to_bits() == theirs.to_bits(), "case {case}: {ours} vs {theirs}");
+        }
+    }
     use proptest::prelude::*;
 
     #[test]

@@ -56,40 +56,40 @@ pub(crate) fn for_each_block(
 /// `rmse_type` 1; its "no weights" case is `weights = x²`). Returns the scale; `levels` receives the
 /// stored values.
 pub(crate) fn symmetric(x: &[f32], weights: &[f32], nmax: i32, levels: &mut [u8]) -> f32 {
+    // llama.cpp's starting scale, then its 18 trial scales.
+    const TRIES: usize = 19;
     let max = signed_absmax(x);
     if max.abs() < 1e-15 {
         levels.fill(0);
         return 0.0;
     }
     let level = |iscale: f32, v: f32| nearest_int(iscale * v).clamp(-nmax, nmax - 1);
-    let fit = |iscale: f32| {
-        let (mut sumlx, mut suml2) = (0.0f32, 0.0f32);
-        for (&v, &w) in x.iter().zip(weights) {
-            let l = level(iscale, v) as f32;
-            sumlx += w * v * l;
-            suml2 += w * l * l;
+    let mut inverse_scales = [-(nmax as f32) / max; TRIES];
+    for (id, step) in inverse_scales[1..].iter_mut().zip((-9..=9).filter(|&s| s != 0)) {
+        *id = -(nmax as f32 + 0.1 * step as f32) / max;
+    }
+    // The tries do not depend on one another, so they are fitted at once, one vector lane each (each
+    // still summing in element order, as llama.cpp does); only the chosen one's levels are stored.
+    let (mut sumlx, mut suml2) = ([0f32; TRIES], [0f32; TRIES]);
+    for (&v, &w) in x.iter().zip(weights) {
+        for t in 0..TRIES {
+            let l = level(inverse_scales[t], v) as f32;
+            sumlx[t] += w * v * l;
+            suml2[t] += w * l * l;
         }
-        (sumlx, suml2)
-    };
-    let store = |iscale: f32, levels: &mut [u8]| {
-        for (out, &v) in levels.iter_mut().zip(x) {
-            *out = (level(iscale, v) + nmax) as u8;
+    }
+    let mut chosen = 0;
+    let mut scale = if suml2[0] != 0.0 { sumlx[0] / suml2[0] } else { 0.0 };
+    let mut best = scale * sumlx[0];
+    for t in 1..TRIES {
+        if suml2[t] > 0.0 && sumlx[t] * sumlx[t] > best * suml2[t] {
+            chosen = t;
+            scale = sumlx[t] / suml2[t];
+            best = scale * sumlx[t];
         }
-    };
-
-    let iscale = -(nmax as f32) / max;
-    store(iscale, levels);
-    let (sumlx, suml2) = fit(iscale);
-    let mut scale = if suml2 != 0.0 { sumlx / suml2 } else { 0.0 };
-    let mut best = scale * sumlx;
-    for step in (-9..=9).filter(|&s| s != 0) {
-        let iscale = -(nmax as f32 + 0.1 * step as f32) / max;
-        let (sumlx, suml2) = fit(iscale);
-        if suml2 > 0.0 && sumlx * sumlx > best * suml2 {
-            store(iscale, levels);
-            scale = sumlx / suml2;
-            best = scale * sumlx;
-        }
+    }
+    for (out, &v) in levels.iter_mut().zip(x) {
+        *out = (level(inverse_scales[chosen], v) + nmax) as u8;
     }
     scale
 }
@@ -292,98 +292,150 @@ pub(crate) const IMPORTANCE_GRID: AffineGrid = AffineGrid {
 };
 
 /// Affine levels on [`IMPORTANCE_GRID`]; see [`affine_on_grid`].
-pub(crate) fn affine(x: &[f32], weights: &[f32], nmax: i32, levels: &mut [u8]) -> (f32, f32) {
-    affine_on_grid(x, weights, nmax, levels, &IMPORTANCE_GRID)
+#[inline]
+pub(crate) fn affine<const GROUPS: usize, const LEN: usize>(
+    x: &[f32],
+    weights: &[f32],
+    nmax: i32,
+    levels: &mut [u8],
+) -> ([f32; GROUPS], [f32; GROUPS]) {
+    affine_on_grid::<GROUPS, LEN>(x, weights, nmax, levels, &IMPORTANCE_GRID)
 }
 
 /// Affine levels `0..=nmax` with a weighted least-squares scale and minimum, the best over `grid`
 /// (llama.cpp's `make_qkx2_quants` / `make_qkx3_quants`, which differ only in their callers' grids and
-/// weights and in [`AffineGrid::saturate`]). Returns `(scale, min)` so that `x ≈ scale·level + min`, with `min ≤ 0`. Groups of at most 32.
-// Inlined so that each caller's constant grid (metric, saturation) specialises the inner loops.
+/// weights and in [`AffineGrid::saturate`]), for `GROUPS` consecutive groups of `LEN` values of `x`,
+/// each fitted on its own. Returns each group's `(scale, min)` so that `x ≈ scale·level + min`, with
+/// `min ≤ 0`.
+///
+/// Each candidate starts from the minimum the previous accepted one left, so one group's candidates
+/// must be tried in turn; the groups are independent, though, so they are searched side by side, one
+/// vector lane each, every lane taking exactly the single-group search's steps (accepting by select
+/// instead of by branch). That keeps the bytes while letting the sums of several groups grow at once.
+// Inlined so that each caller's constant grid (metric, saturation) and sizes specialise the loops.
 #[inline(always)]
-pub(crate) fn affine_on_grid(
+pub(crate) fn affine_on_grid<const GROUPS: usize, const LEN: usize>(
     x: &[f32],
     weights: &[f32],
     nmax: i32,
     levels: &mut [u8],
     grid: &AffineGrid,
-) -> (f32, f32) {
-    const MAX_GROUP: usize = 32;
-    let mut min = x[0];
-    let mut max = x[0];
-    let mut sum_w = weights[0];
-    let mut sum_x = sum_w * x[0];
-    for (&v, &w) in x.iter().zip(weights).skip(1) {
-        min = if v < min { v } else { min };
-        max = if v > max { v } else { max };
-        sum_w += w;
-        sum_x += w * v;
-    }
-    if min > 0.0 {
-        min = 0.0;
-    }
-    if max <= min {
-        levels.fill(0);
-        return (0.0, min);
+) -> ([f32; GROUPS], [f32; GROUPS]) {
+    /// Per-lane values; `[i][g]` is element `i` of group `g`.
+    type Lanes<const G: usize> = [f32; G];
+    let (x, weights, levels) = (&x[..GROUPS * LEN], &weights[..GROUPS * LEN], &mut levels[..GROUPS * LEN]);
+    let mut xt = [[0f32; GROUPS]; LEN];
+    let mut wt = [[0f32; GROUPS]; LEN];
+    for (g, (xs, ws)) in x.chunks_exact(LEN).zip(weights.chunks_exact(LEN)).enumerate() {
+        for i in 0..LEN {
+            xt[i][g] = xs[i];
+            wt[i][g] = ws[i];
+        }
     }
 
-    let level =
-        |iscale: f32, v: f32, min: f32| nearest_int(iscale * (v - min)).clamp(0, nmax) as u8;
-    let error = |levels: &[u8], scale: f32, min: f32| {
-        let mut total = 0.0f32;
-        for ((&l, &v), &w) in levels.iter().zip(x).zip(weights) {
-            let diff = scale * l as f32 + min - v;
-            total += match grid.metric {
-                ErrorMetric::Squared => w * (diff * diff),
-                ErrorMetric::Absolute => w * diff.abs(),
-            };
+    let mut min: Lanes<GROUPS> = xt[0];
+    let mut max: Lanes<GROUPS> = xt[0];
+    let mut sum_w: Lanes<GROUPS> = wt[0];
+    let mut sum_x: Lanes<GROUPS> = std::array::from_fn(|g| wt[0][g] * xt[0][g]);
+    for (xs, ws) in xt.iter().zip(&wt).skip(1) {
+        for g in 0..GROUPS {
+            let (v, w) = (xs[g], ws[g]);
+            min[g] = if v < min[g] { v } else { min[g] };
+            max[g] = if v > max[g] { v } else { max[g] };
+            sum_w[g] += w;
+            sum_x[g] += w * v;
+        }
+    }
+    for m in &mut min {
+        *m = if *m > 0.0 { 0.0 } else { *m };
+    }
+    // A flat group (also a constant positive one, once its minimum is 0) has all levels 0 and scale 0.
+    let flat: [bool; GROUPS] = std::array::from_fn(|g| max[g] <= min[g]);
+    let flat_min = min;
+
+    let level = |iscale: f32, v: f32, min: f32| nearest_int(iscale * (v - min)).clamp(0, nmax) as f32;
+    let error = |levels: &[Lanes<GROUPS>; LEN], scale: &Lanes<GROUPS>, min: &Lanes<GROUPS>| {
+        let mut total = [0f32; GROUPS];
+        for ((ls, xs), ws) in levels.iter().zip(&xt).zip(&wt) {
+            for g in 0..GROUPS {
+                let diff = scale[g] * ls[g] + min[g] - xs[g];
+                total[g] += match grid.metric {
+                    ErrorMetric::Squared => ws[g] * (diff * diff),
+                    ErrorMetric::Absolute => ws[g] * diff.abs(),
+                };
+            }
         }
         total
     };
 
-    let iscale = nmax as f32 / (max - min);
-    let mut scale = 1.0 / iscale;
-    for (out, &v) in levels.iter_mut().zip(x) {
-        *out = level(iscale, v, min);
-    }
-    let mut best = error(levels, scale, min);
-
-    let mut candidate = [0u8; MAX_GROUP];
-    let candidate = &mut candidate[..x.len()];
-    for step in 0..=grid.steps {
-        let iscale = (grid.rmin + grid.rdelta * step as f32 + nmax as f32) / (max - min);
-        let (mut sum_l, mut sum_l2, mut sum_xl) = (0.0f32, 0.0f32, 0.0f32);
-        for ((out, &v), &w) in candidate.iter_mut().zip(x).zip(weights) {
-            *out = if grid.saturate {
-                let scaled = iscale * (v - min);
-                if scaled > 0.0 {
-                    nearest_int(scaled.min(nmax as f32)) as u8
-                } else {
-                    0
-                }
-            } else {
-                level(iscale, v, min)
-            };
-            let l = *out as f32;
-            sum_l += w * l;
-            sum_l2 += w * l * l;
-            sum_xl += w * l * v;
+    let iscale: Lanes<GROUPS> = std::array::from_fn(|g| nmax as f32 / (max[g] - min[g]));
+    let mut scale: Lanes<GROUPS> = iscale.map(|s| 1.0 / s);
+    let mut best_levels = [[0f32; GROUPS]; LEN];
+    for (ls, xs) in best_levels.iter_mut().zip(&xt) {
+        for g in 0..GROUPS {
+            ls[g] = level(iscale[g], xs[g], min[g]);
         }
-        let det = sum_w * sum_l2 - sum_l * sum_l;
-        if det > 0.0 {
-            let mut this_scale = (sum_w * sum_xl - sum_x * sum_l) / det;
-            let mut this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det;
-            if this_min > 0.0 {
-                this_min = 0.0;
-                this_scale = sum_xl / sum_l2;
+    }
+    let mut best = error(&best_levels, &scale, &min);
+
+    let mut candidate = [[0f32; GROUPS]; LEN];
+    for step in 0..=grid.steps {
+        let iscale: Lanes<GROUPS> =
+            std::array::from_fn(|g| (grid.rmin + grid.rdelta * step as f32 + nmax as f32) / (max[g] - min[g]));
+        let (mut sum_l, mut sum_l2, mut sum_xl) = ([0f32; GROUPS], [0f32; GROUPS], [0f32; GROUPS]);
+        for ((ls, xs), ws) in candidate.iter_mut().zip(&xt).zip(&wt) {
+            for g in 0..GROUPS {
+                let (v, w) = (xs[g], ws[g]);
+                let l = if grid.saturate {
+                    // Both arms computed, so that this selects rather than branches.
+                    let scaled = iscale[g] * (v - min[g]);
+                    let capped = nearest_int(if scaled < nmax as f32 { scaled } else { nmax as f32 }) as f32;
+                    if scaled > 0.0 {
+                        capped
+                    } else {
+                        0.0
+                    }
+                } else {
+                    level(iscale[g], v, min[g])
+                };
+                ls[g] = l;
+                sum_l[g] += w * l;
+                sum_l2[g] += w * l * l;
+                sum_xl[g] += w * l * v;
             }
-            let candidate_error = error(candidate, this_scale, this_min);
-            if candidate_error < best {
-                levels.copy_from_slice(candidate);
-                best = candidate_error;
-                scale = this_scale;
-                min = this_min;
+        }
+        let mut this_scale = [0f32; GROUPS];
+        let mut this_min = [0f32; GROUPS];
+        let mut fitted = [false; GROUPS];
+        for g in 0..GROUPS {
+            let det = sum_w[g] * sum_l2[g] - sum_l[g] * sum_l[g];
+            fitted[g] = det > 0.0;
+            let s = (sum_w[g] * sum_xl[g] - sum_x[g] * sum_l[g]) / det;
+            let m = (sum_l2[g] * sum_x[g] - sum_l[g] * sum_xl[g]) / det;
+            (this_scale[g], this_min[g]) = if m > 0.0 { (sum_xl[g] / sum_l2[g], 0.0) } else { (s, m) };
+        }
+        let candidate_error = error(&candidate, &this_scale, &this_min);
+        let accepted: [bool; GROUPS] = std::array::from_fn(|g| fitted[g] && candidate_error[g] < best[g]);
+        for g in 0..GROUPS {
+            if accepted[g] {
+                best[g] = candidate_error[g];
+                scale[g] = this_scale[g];
+                min[g] = this_min[g];
             }
+        }
+        for (best, cand) in best_levels.iter_mut().zip(&candidate) {
+            for g in 0..GROUPS {
+                best[g] = if accepted[g] { cand[g] } else { best[g] };
+            }
+        }
+    }
+
+    for (g, out) in levels.chunks_exact_mut(LEN).enumerate() {
+        for (i, l) in out.iter_mut().enumerate() {
+            *l = if flat[g] { 0 } else { best_levels[i][g] as u8 };
+        }
+        if flat[g] {
+            (scale[g], min[g]) = (0.0, flat_min[g]);
         }
     }
     (scale, min)

@@ -8,8 +8,11 @@
 //! - one or a few tokens ([`gemv`]): small row chunks are decoded right before the dot products that
 //!   consume them, while they are still in cache.
 //!
+//! Rows are decoded by [`decode`]'s fast decoders where it has one, else by the type table's.
+//!
 //! Activations stay f32 throughout: the runtime measures the weights, not kernel shortcuts.
 
+mod decode;
 mod gemm;
 mod gemv;
 #[cfg(test)]
@@ -20,6 +23,7 @@ mod tests;
 use std::ops::Range;
 
 use faer::MatMut;
+use formats::ggml_type::DequantizeFn;
 use formats::GgmlType;
 
 /// Batches with fewer rows than this take the GEMV path.
@@ -38,6 +42,7 @@ pub trait Linear: Send + Sync {
 #[derive(Clone, Copy, Debug)]
 pub struct GgmlLinear<'a> {
     ty: GgmlType,
+    decode: DequantizeFn,
     rows: usize,
     cols: usize,
     row_bytes: usize,
@@ -47,9 +52,7 @@ pub struct GgmlLinear<'a> {
 impl<'a> GgmlLinear<'a> {
     /// Checks that `ty` can be decoded and that `data` holds exactly `rows` rows of `cols` elements.
     pub fn new(ty: GgmlType, rows: usize, cols: usize, data: &'a [u8]) -> Result<Self, String> {
-        if ty.traits().dequantize.is_none() {
-            return Err(format!("{ty} weights are not supported by the runtime"));
-        }
+        let decode = decode::decoder(ty).ok_or_else(|| format!("{ty} weights are not supported by the runtime"))?;
         let row_bytes = ty
             .row_bytes(cols as u64)
             .ok_or_else(|| format!("rows of {cols} elements are not whole {ty} blocks of {}", ty.block_size()))?
@@ -57,7 +60,7 @@ impl<'a> GgmlLinear<'a> {
         if rows.checked_mul(row_bytes) != Some(data.len()) {
             return Err(format!("{} bytes of {ty} data do not hold {rows} rows of {cols} elements", data.len()));
         }
-        Ok(Self { ty, rows, cols, row_bytes, data })
+        Ok(Self { ty, decode, rows, cols, row_bytes, data })
     }
 
     pub fn ty(&self) -> GgmlType {
@@ -74,8 +77,8 @@ impl<'a> GgmlLinear<'a> {
 
     /// Decodes the weight rows in `rows` into `dst` (`rows.len() × cols`).
     pub fn decode_rows(&self, rows: Range<usize>, dst: &mut [f32]) {
-        let src = &self.data[rows.start * self.row_bytes..rows.end * self.row_bytes];
-        self.ty.dequantize(src, dst).expect("sizes were checked when the matrix was built");
+        assert_eq!(dst.len(), rows.len() * self.cols, "decoded rows do not fit the destination");
+        (self.decode)(&self.data[rows.start * self.row_bytes..rows.end * self.row_bytes], dst);
     }
 }
 
