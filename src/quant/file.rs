@@ -317,11 +317,7 @@ struct Encoded<'a> {
     release: Option<&'a SourceTensor>,
 }
 
-fn encode_step<'a>(
-    source: &'a ModelSource,
-    step: &'a Step,
-    importance: Option<&[f32]>,
-) -> Result<Encoded<'a>> {
+fn encode_step<'a>(source: &'a ModelSource, step: &'a Step, importance: Option<&[f32]>) -> Result<Encoded<'a>> {
     let encode = |rows: Rows| {
         quantize_rows(rows, step.dims[0] as usize, step.to, importance)
             .map_err(|e| anyhow!("{}: tensor '{}': {e}", source.path.display(), step.name))

@@ -66,7 +66,11 @@ impl<'a> RowReader<'a> {
                 if bytes.len() % row_bytes != 0 {
                     return Err(QuantizeError::RaggedEncoded { bytes: bytes.len(), ty, row_len });
                 }
-                Ok(Self { source: Source::Encoded { bytes, row_bytes, decode }, row_len, n_rows: bytes.len() / row_bytes })
+                Ok(Self {
+                    source: Source::Encoded { bytes, row_bytes, decode },
+                    row_len,
+                    n_rows: bytes.len() / row_bytes,
+                })
             }
         }
     }
@@ -182,6 +186,49 @@ mod tests {
             encode(src, &mut one, Some(&w));
             assert_eq!(&whole[r * 40..(r + 1) * 40], &one[..], "row {r}");
         }
+    }
+
+    /// `values` stored as `ty`, and what those bytes decode to.
+    fn stored(values: &[f32], ty: GgmlType) -> (Vec<u8>, Vec<f32>) {
+        let mut bytes = vec![0u8; ty.tensor_bytes(values.len() as u64).unwrap() as usize];
+        ty.traits().quantize.unwrap()(values, &mut bytes, None);
+        let mut decoded = vec![0f32; values.len()];
+        ty.dequantize(&bytes, &mut decoded).unwrap();
+        (bytes, decoded)
+    }
+
+    #[test]
+    fn encoded_rows_give_the_bytes_of_their_decoded_values() {
+        // Rows long enough that a tensor spans several of quantize_rows' chunks.
+        let (n_rows, row_len) = (67, 512);
+        let x = rows(n_rows, row_len);
+        let w: Vec<f32> = (0..row_len).map(|i| 0.5 + (i % 3) as f32).collect();
+        for from in [GgmlType::F16, GgmlType::BF16, GgmlType::F32, GgmlType::Q8_0] {
+            let (bytes, decoded) = stored(&x, from);
+            for (to, importance) in [(GgmlType::Q4_K, None), (GgmlType::Q5_0, Some(w.as_slice()))] {
+                let expected = quantize_tensor(&decoded, row_len, to, importance).unwrap();
+                for threads in [1, 2] {
+                    let got = with_threads(threads, || {
+                        quantize_rows(Rows::Encoded { bytes: &bytes, ty: from }, row_len, to, importance).unwrap()
+                    });
+                    assert!(got == expected, "{from} -> {to}, {threads} threads");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn encoded_rows_are_checked() {
+        let mut x = rows(40, 256);
+        x[33 * 256 + 7] = f32::NAN;
+        x[39 * 256] = f32::INFINITY;
+        let (bytes, _) = stored(&x, GgmlType::F16);
+        let err = quantize_rows(Rows::Encoded { bytes: &bytes, ty: GgmlType::F16 }, 256, GgmlType::Q4_0, None);
+        assert!(matches!(err, Err(QuantizeError::NonFinite { row: 33, column: 7, .. })), "{err:?}");
+        let err = quantize_rows(Rows::Encoded { bytes: &bytes[..1000], ty: GgmlType::F16 }, 256, GgmlType::Q4_0, None);
+        assert_eq!(err, Err(QuantizeError::RaggedEncoded { bytes: 1000, ty: GgmlType::F16, row_len: 256 }));
+        let err = quantize_rows(Rows::Encoded { bytes: &bytes, ty: GgmlType::Q8_0 }, 48, GgmlType::F16, None);
+        assert_eq!(err, Err(QuantizeError::RowNotWholeBlocks { row_len: 48, ty: GgmlType::Q8_0 }));
     }
 
     #[test]

@@ -75,9 +75,19 @@ pub(crate) fn positive_max(x: &[f32]) -> f32 {
 /// Block minimum and maximum, compared as llama.cpp does (NaN never replaces a bound).
 #[inline]
 pub(crate) fn min_max(x: &[f32]) -> (f32, f32) {
-    x.iter().fold((f32::MAX, -f32::MAX), |(lo, hi), &v| {
-        (if v < lo { v } else { lo }, if v > hi { v } else { hi })
-    })
+    let step = |(lo, hi): (f32, f32), &v: &f32| (if v < lo { v } else { lo }, if v > hi { v } else { hi });
+    // The bounds do not depend on the order (NaN is skipped either way), so eight lanes run side by
+    // side instead of one chain of comparisons.
+    let (mut lo, mut hi) = ([f32::MAX; 8], [-f32::MAX; 8]);
+    let chunks = x.chunks_exact(8);
+    let rest = chunks.remainder().iter().fold((f32::MAX, -f32::MAX), step);
+    for chunk in chunks {
+        for ((lo, hi), &v) in lo.iter_mut().zip(&mut hi).zip(chunk) {
+            *lo = if v < *lo { v } else { *lo };
+            *hi = if v > *hi { v } else { *hi };
+        }
+    }
+    lo.iter().zip(&hi).fold(rest, |bounds, (&l, &h)| step(step(bounds, &l), &h))
 }
 
 /// Converts a float to a byte the way llama.cpp's C casts `(int8_t)x` / `(uint8_t)x` compile on x86

@@ -54,7 +54,8 @@ fn abs_max(x: &[f32]) -> f32 {
 fn round_to_byte(y: f32) -> u8 {
     let truncated = y as i32;
     let rest = y - truncated as f32;
-    let rounded = truncated + i32::from(rest >= 0.5) - i32::from(rest <= -0.5);
+    // Wrapping: out of range the sum is discarded below, but computing it keeps the loop branch-free.
+    let rounded = truncated.wrapping_add(i32::from(rest >= 0.5)).wrapping_sub(i32::from(rest <= -0.5));
     if y.abs() < 2_147_483_648.0 {
         rounded as u8
     } else {
