@@ -230,7 +230,8 @@ impl Vocab {
                 if t["special"].as_bool().unwrap_or(false) { token_type::CONTROL } else { token_type::USER_DEFINED };
         }
         if let Some(u) = unk {
-            token_types[u as usize] = token_type::UNKNOWN;
+            *token_types.get_mut(u as usize).with_context(|| format!("tokenizer.json: unk_id {u} is not a token id"))? =
+                token_type::UNKNOWN;
         }
         let tokens: Vec<String> =
             tokens.into_iter().enumerate().map(|(i, t)| t.unwrap_or_else(|| format!("[PAD{i}]"))).collect();
