@@ -48,7 +48,8 @@ fn main() -> anyhow::Result<()> {
         }
     }
     tensors.sort();
-    let plan = tensors.iter().map(|(n, s)| TensorPlan { name: n.clone(), dtype: Dtype::BF16, shape: s.clone() }).collect();
+    let plan =
+        tensors.iter().map(|(n, s)| TensorPlan { name: n.clone(), dtype: Dtype::BF16, shape: s.clone() }).collect();
     let mut writer = Writer::create(&dir, plan, BTreeMap::new(), Some(shard as u64))?;
     let mut state = 0x2545_F491_4F6C_DD1Du64;
     for (name, shape) in &tensors {

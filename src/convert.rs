@@ -112,7 +112,13 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
         Target::Gguf => write_gguf(&source, output, dtype, &opts.progress)?,
         Target::Safetensors => write_hf_dir(&source, output, dtype, opts.max_shard_size, &opts.progress)?,
     };
-    Ok(ConvertReport { output: output.to_path_buf(), tensors, bytes_written, dtype, seconds: started.elapsed().as_secs_f64() })
+    Ok(ConvertReport {
+        output: output.to_path_buf(),
+        tensors,
+        bytes_written,
+        dtype,
+        seconds: started.elapsed().as_secs_f64(),
+    })
 }
 
 /// The matrices' own float type when they have one, f32 for quantized sources (exact).
@@ -135,7 +141,8 @@ fn gguf_float_for(t: &SourceTensor, dtype: FloatType) -> FloatType {
 
 /// All GGUF metadata of a converted model, in llama.cpp's converter order.
 pub fn gguf_metadata(source: &ModelSource, file_type: u32) -> Vec<(String, MetadataValue)> {
-    let mut kv = vec![("general.architecture".to_string(), MetadataValue::String(source.config.arch.gguf_name().into()))];
+    let mut kv =
+        vec![("general.architecture".to_string(), MetadataValue::String(source.config.arch.gguf_name().into()))];
     if !source.general.iter().any(|(k, _)| k == "general.type") {
         kv.push(("general.type".into(), MetadataValue::String("model".into())));
     }
@@ -159,7 +166,11 @@ fn write_gguf(source: &ModelSource, output: &Path, dtype: FloatType, progress: &
     let rope_freqs = rope_freqs_tensor(source);
     let plan: Vec<GgufPlan> = tensors
         .iter()
-        .map(|t| GgufPlan { name: t.gguf_name.clone(), dims: t.gguf_dims(), ggml_type: gguf_float_for(t, dtype).ggml() })
+        .map(|t| GgufPlan {
+            name: t.gguf_name.clone(),
+            dims: t.gguf_dims(),
+            ggml_type: gguf_float_for(t, dtype).ggml(),
+        })
         .chain(rope_freqs.as_ref().map(|(plan, _)| plan.clone()))
         .collect();
     let metadata = gguf_metadata(source, dtype.gguf_file_type());

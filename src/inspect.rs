@@ -43,7 +43,8 @@ pub struct Report {
 }
 
 pub fn inspect(path: &Path) -> Result<Report> {
-    let is_gguf = path.is_file() && path.extension().and_then(|e| e.to_str()) != Some("safetensors")
+    let is_gguf = path.is_file()
+        && path.extension().and_then(|e| e.to_str()) != Some("safetensors")
         && path.extension().and_then(|e| e.to_str()) != Some("json");
     let (format, architecture, metadata, tensors): (_, _, _, Vec<TensorRow>) = if is_gguf {
         let file = GgufFile::open(path)?;
@@ -61,7 +62,8 @@ pub fn inspect(path: &Path) -> Result<Report> {
         ("gguf", file.architecture().map(str::to_string), metadata, tensors)
     } else {
         let checkpoint = Checkpoint::open(path)?;
-        let dir = if path.is_dir() { path.to_path_buf() } else { path.parent().unwrap_or(Path::new(".")).to_path_buf() };
+        let dir =
+            if path.is_dir() { path.to_path_buf() } else { path.parent().unwrap_or(Path::new(".")).to_path_buf() };
         let config_path = dir.join("config.json");
         let mut metadata: BTreeMap<String, serde_json::Value> = checkpoint
             .metadata()
@@ -126,7 +128,11 @@ fn summarize(v: &MetadataValue) -> serde_json::Value {
         MetadataValue::Array(a) => json!(format!("[{} x {:?}]", a.items.len(), a.elem_type)),
         MetadataValue::String(s) => json!(s),
         MetadataValue::Bool(b) => json!(b),
-        other => other.as_i64().map(|x| json!(x)).or_else(|| other.as_u64().map(|x| json!(x))).unwrap_or_else(|| json!(other.as_f64())),
+        other => other
+            .as_i64()
+            .map(|x| json!(x))
+            .or_else(|| other.as_u64().map(|x| json!(x)))
+            .unwrap_or_else(|| json!(other.as_f64())),
     }
 }
 

@@ -7,6 +7,7 @@
 pub mod convert;
 pub mod eval;
 pub mod inspect;
+pub mod interrupt;
 pub mod lora;
 pub mod model;
 pub mod progress;

@@ -3,10 +3,11 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use formats::GgmlType;
 use qforge::convert::{self, ConvertOptions, FloatType, Target};
+use qforge::eval::logits_file::LogitsForm;
 use qforge::progress::Progress;
 use qforge::quant::{Preset, QuantizeOptions, TensorTypeRule};
 
@@ -117,6 +118,26 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Importance matrix of a model over calibration text, computed as llama.cpp's llama-imatrix does.
+    Imatrix {
+        /// A GGUF file or an HF model directory.
+        model: PathBuf,
+        /// The calibration text.
+        #[arg(long)]
+        calib: PathBuf,
+        /// The imatrix file to write.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Tokens per chunk.
+        #[arg(long, default_value_t = 512)]
+        ctx: usize,
+        /// Run at most this many chunks.
+        #[arg(long)]
+        chunks: Option<usize>,
+        /// File layout (default: dat for a .dat output, else gguf).
+        #[arg(long, value_enum)]
+        format: Option<qforge::eval::imatrix::ImatrixFormat>,
+    },
     /// Perplexity of a model on a text file, computed as llama.cpp's llama-perplexity does.
     Perplexity {
         /// A GGUF file or an HF model directory.
@@ -124,16 +145,114 @@ enum Command {
         /// The text to score.
         #[arg(long)]
         text: PathBuf,
-        /// Tokens per chunk.
-        #[arg(long, default_value_t = 512)]
-        ctx: usize,
-        /// Score at most this many chunks.
-        #[arg(long)]
-        chunks: Option<usize>,
+        #[command(flatten)]
+        eval: EvalArgs,
+        #[command(flatten)]
+        baseline: BaselineArgs,
+        /// Save this model's log-probs as a baseline file (llama.cpp's --kl-divergence-base layout).
+        #[arg(long, conflicts_with_all = ["baseline", "baseline_logits"])]
+        save_logits: Option<PathBuf>,
+        /// With --save-logits: keep only the K most likely tokens per position (qforge's compact form).
+        #[arg(long, requires = "save_logits")]
+        top_k: Option<usize>,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
     },
+    /// CI regression gate: compare a model with a baseline; exit 1 when a threshold fails.
+    Check {
+        /// A GGUF file or an HF model directory.
+        model: PathBuf,
+        /// The text to score.
+        #[arg(long)]
+        text: PathBuf,
+        #[command(flatten)]
+        eval: EvalArgs,
+        #[command(flatten)]
+        baseline: BaselineArgs,
+        /// Largest allowed PPL(model)/PPL(base) − 1 ("2%" or "0.02").
+        #[arg(long, default_value = "2%", value_parser = qforge::eval::check::parse_fraction)]
+        max_ppl_increase: f64,
+        /// Largest allowed mean KL divergence (nats per token).
+        #[arg(long, default_value_t = 0.05)]
+        max_kld: f64,
+        /// Smallest allowed share of tokens with the same most likely next token ("90%" or "0.9").
+        #[arg(long, default_value = "0.9", value_parser = qforge::eval::check::parse_fraction)]
+        min_top1: f64,
+        /// Print the verdicts and statistics as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Also write the JSON report to this file.
+        #[arg(long)]
+        json_report: Option<PathBuf>,
+        /// Write a JUnit XML report (a test case per threshold) to this file.
+        #[arg(long)]
+        junit: Option<PathBuf>,
+    },
+    /// Continue a prompt, streaming the text: greedy at --temp 0, else sampled (top-k, top-p, temperature).
+    Generate {
+        /// A GGUF file or an HF model directory.
+        model: PathBuf,
+        /// The text to continue (BOS is added only when the vocabulary says so).
+        #[arg(long)]
+        prompt: String,
+        /// Generate at most this many tokens; stops earlier at an end-of-generation token.
+        #[arg(short = 'n', long, default_value_t = 64)]
+        max_tokens: usize,
+        /// Sampling temperature; 0 picks the most likely token.
+        #[arg(long, default_value_t = 0.0)]
+        temp: f32,
+        /// Sample among the K most likely tokens only (0: all); llama.cpp's default.
+        #[arg(long, default_value_t = 40)]
+        top_k: usize,
+        /// Then among the fewest most likely tokens whose probabilities reach P (1: all); llama.cpp's default.
+        #[arg(long, default_value_t = 0.95)]
+        top_p: f32,
+        /// Random seed: the same seed gives the same text.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Print a JSON report (text, token ids, counts, speeds) instead of streaming the text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// How `perplexity` and `check` cut the text into chunks.
+#[derive(clap::Args)]
+struct EvalArgs {
+    /// llama-cpp: llama-perplexity's chunks (second half scored); gptq: the GPTQ/AWQ papers' windows.
+    #[arg(long, value_enum, default_value_t = qforge::eval::perplexity::Protocol::LlamaCpp)]
+    protocol: qforge::eval::perplexity::Protocol,
+    /// Tokens per chunk (default: 512 for llama-cpp, 2048 for gptq; a baseline logits file's own).
+    #[arg(long)]
+    ctx: Option<usize>,
+    /// Score at most this many chunks.
+    #[arg(long)]
+    chunks: Option<usize>,
+}
+
+/// What `perplexity` and `check` compare the model with.
+#[derive(clap::Args)]
+struct BaselineArgs {
+    /// A baseline model (GGUF file or HF directory), run on the same tokens: report KL divergence etc.
+    #[arg(long, conflicts_with = "baseline_logits")]
+    baseline: Option<PathBuf>,
+    /// A baseline's saved log-probs (llama.cpp's --kl-divergence-base file or qforge's top-k form).
+    #[arg(long)]
+    baseline_logits: Option<PathBuf>,
+}
+
+impl BaselineArgs {
+    fn get(self) -> Option<qforge::eval::kld::Baseline> {
+        use qforge::eval::kld::Baseline;
+        self.baseline.map(Baseline::Model).or(self.baseline_logits.map(Baseline::Logits))
+    }
+}
+
+impl EvalArgs {
+    fn options(&self) -> qforge::eval::perplexity::PerplexityOptions {
+        qforge::eval::perplexity::PerplexityOptions { protocol: self.protocol, ctx: self.ctx, chunks: self.chunks }
+    }
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -142,7 +261,10 @@ fn parse_size(s: &str) -> Result<u64, String> {
 
 fn parse_preset(s: &str) -> Result<Preset, String> {
     Preset::from_name(s).ok_or_else(|| {
-        format!("unknown preset {s:?}; choose one of {}", Preset::all().map(Preset::name).collect::<Vec<_>>().join(", "))
+        format!(
+            "unknown preset {s:?}; choose one of {}",
+            Preset::all().map(Preset::name).collect::<Vec<_>>().join(", ")
+        )
     })
 }
 
@@ -152,7 +274,7 @@ fn parse_ggml_type(s: &str) -> Result<GgmlType, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(cli) {
+    match qforge::interrupt::install_handler().and_then(|()| run(cli)) {
         Ok(code) => code,
         Err(err) => {
             eprintln!("error: {err:#}");
@@ -232,6 +354,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 _ => print!("{}", qforge::quant::dry_run(&input, &opts)?.render()),
             }
         }
+        Command::Imatrix { model, calib, output, ctx, chunks, format } => {
+            let opts = qforge::eval::imatrix::ImatrixOptions { ctx, chunks, format, progress };
+            let report = qforge::eval::imatrix::run(&model, &calib, &output, &opts)?;
+            if !cli.quiet {
+                eprint!("{}", report.render());
+            }
+        }
         Command::MergeLora { base, adapters, output, dtype, ggml_type, strict, max_shard_size, json } => {
             let opts = qforge::lora::MergeOptions { adapters, dtype, ggml_type, strict, max_shard_size, progress };
             let report = qforge::lora::merge(&base, &output, &opts)?;
@@ -241,16 +370,27 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 print!("{}", report.render());
             }
         }
-        Command::Perplexity { model, text, ctx, chunks, json } => {
-            let opts = qforge::eval::perplexity::PerplexityOptions { ctx, chunks };
-            let report = qforge::eval::perplexity::run(&model, &text, &opts, |i, stats| {
-                if !cli.quiet {
-                    eprint!("[{}]{:.4},", i + 1, stats.ppl());
+        Command::Perplexity { model, text, eval, baseline, save_logits, top_k, json } => {
+            if let Some(base) = baseline.get() {
+                let report = qforge::eval::kld::run(&model, &text, &eval.options(), &base, |i, s| {
+                    chunk_progress(cli.quiet, i, s.kld().value)
+                })?;
+                end_progress(cli.quiet);
+                match json {
+                    true => println!("{}", serde_json::to_string_pretty(&report)?),
+                    false => print!("{}", report.render()),
                 }
-            })?;
-            if !cli.quiet {
-                eprintln!();
+                return Ok(ExitCode::SUCCESS);
             }
+            let progress = |i, stats: &qforge::eval::perplexity::NllStats| chunk_progress(cli.quiet, i, stats.ppl());
+            let report = match save_logits {
+                Some(out) => {
+                    let form = top_k.map_or(LogitsForm::Full, LogitsForm::TopK);
+                    qforge::eval::kld::save_logits(&model, &text, &eval.options(), &out, form, progress)?
+                }
+                None => qforge::eval::perplexity::run(&model, &text, &eval.options(), progress)?,
+            };
+            end_progress(cli.quiet);
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -265,6 +405,75 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 );
             }
         }
+        Command::Check {
+            model,
+            text,
+            eval,
+            baseline,
+            max_ppl_increase,
+            max_kld,
+            min_top1,
+            json,
+            json_report,
+            junit,
+        } => {
+            let base = baseline.get().context("check needs --baseline BASE or --baseline-logits FILE")?;
+            let report = qforge::eval::kld::run(&model, &text, &eval.options(), &base, |i, s| {
+                chunk_progress(cli.quiet, i, s.kld().value)
+            })?;
+            end_progress(cli.quiet);
+            let limits = qforge::eval::check::Thresholds { max_ppl_increase, max_kld, min_top1 };
+            let result = qforge::eval::check::check(report, &limits);
+            let report_json = serde_json::to_string_pretty(&result)? + "\n";
+            if let Some(path) = json_report {
+                qforge::eval::check::write_file(&path, &report_json)?;
+            }
+            if let Some(path) = junit {
+                qforge::eval::check::write_file(&path, &result.junit())?;
+            }
+            match json {
+                true => print!("{report_json}"),
+                false => print!("{}\n{}", result.report.render(), result.render()),
+            }
+            return Ok(if result.pass { ExitCode::SUCCESS } else { ExitCode::from(1) });
+        }
+        Command::Generate { model, prompt, max_tokens, temp, top_k, top_p, seed, json } => {
+            let sampling = qforge::eval::generate::SamplingOptions { temperature: temp, top_k, top_p, seed };
+            let opts = qforge::eval::generate::GenerateOptions { max_tokens, sampling };
+            let report = qforge::eval::generate::run(&model, &prompt, &opts, |piece| print_flushed(piece, json))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!();
+            }
+            if !cli.quiet {
+                eprint!("{}", report.render_stats());
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Prints a chunk's running figure (`[3]6.1234,`) as llama-perplexity does.
+fn chunk_progress(quiet: bool, index: usize, value: f64) {
+    if !quiet {
+        eprint!("[{}]{value:.4},", index + 1);
+    }
+}
+
+fn end_progress(quiet: bool) {
+    if !quiet {
+        eprintln!();
+    }
+}
+
+/// Streams generated text as it comes (nothing when the JSON report will carry it).
+fn print_flushed(piece: &str, json: bool) -> Result<()> {
+    use std::io::Write;
+    if !json {
+        let mut stdout = std::io::stdout().lock();
+        stdout.write_all(piece.as_bytes())?;
+        stdout.flush()?;
+    }
+    Ok(())
 }

@@ -11,9 +11,11 @@ impl Progress {
     pub fn bytes_bar(&self, label: &str, total: u64) -> ProgressBar {
         let bar = ProgressBar::with_draw_target(Some(total), self.target());
         bar.set_style(
-            ProgressStyle::with_template("{prefix:>10} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta} {msg}")
-                .expect("valid template")
-                .progress_chars("=> "),
+            ProgressStyle::with_template(
+                "{prefix:>10} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta} {msg}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
         );
         bar.set_prefix(label.to_string());
         bar

@@ -101,10 +101,7 @@ fn safetensors_overlapping_offsets() {
 
 #[test]
 fn safetensors_offsets_beyond_file() {
-    check_safetensors(
-        safetensors_bytes(r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#, 8),
-        "a",
-    );
+    check_safetensors(safetensors_bytes(r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#, 8), "a");
 }
 
 /// GGUF bytes: header, string KVs, and tensor infos given as (name, dims, type id, offset).
@@ -220,4 +217,17 @@ fn output_directory_not_writable() {
     let result = qforge(&["convert", hf.to_str().unwrap(), "-o", out.to_str().unwrap()]);
     assert_clean_failure(&result, &out, "directory");
     assert_eq!(std::fs::read(&blocker).unwrap(), b"");
+}
+
+#[test]
+fn qk_rows_that_do_not_split_into_the_configs_heads() {
+    let root = tempfile::tempdir().unwrap();
+    let hf = root.path().join("hf");
+    synthetic::TinyModel::new("LlamaForCausalLM").write_hf(&hf, formats::safetensors::Dtype::F32, None);
+    // 32 heads of 1 value: q_proj's 32 rows cannot form 32 heads of rotary pairs.
+    let config_path = hf.join("config.json");
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["num_attention_heads"] = 32.into();
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    assert_convert_fails(&hf, &hf, "do not split into 32 heads");
 }

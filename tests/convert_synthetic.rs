@@ -141,7 +141,10 @@ fn sentencepiece_vocabulary_round_trips_through_an_hf_directory() {
     let src = GgufFile::open(&first).unwrap();
     let vocab: Vec<(String, MetadataValue)> = vec![
         ("tokenizer.ggml.model".into(), "llama".into()),
-        ("tokenizer.ggml.tokens".into(), MetadataValue::string_array(["<unk>", "<s>", "</s>", "<0x0A>", "\u{2581}a", "b"])),
+        (
+            "tokenizer.ggml.tokens".into(),
+            MetadataValue::string_array(["<unk>", "<s>", "</s>", "<0x0A>", "\u{2581}a", "b"]),
+        ),
         ("tokenizer.ggml.scores".into(), MetadataValue::f32_array([0.0, 0.0, 0.0, 0.0, -1.5, -2.25])),
         ("tokenizer.ggml.token_type".into(), MetadataValue::i32_array([2, 3, 3, 6, 1, 1])),
         ("tokenizer.ggml.bos_token_id".into(), MetadataValue::U32(1)),
@@ -157,7 +160,11 @@ fn sentencepiece_vocabulary_round_trips_through_an_hf_directory() {
         .chain(vocab.iter().cloned())
         .collect();
     let spm = dir.path().join("spm.gguf");
-    let plan = src.tensors().iter().map(|t| TensorPlan { name: t.name.clone(), dims: t.dims.clone(), ggml_type: t.ggml_type }).collect();
+    let plan = src
+        .tensors()
+        .iter()
+        .map(|t| TensorPlan { name: t.name.clone(), dims: t.dims.clone(), ggml_type: t.ggml_type })
+        .collect();
     let mut w = GgufWriter::create(&spm, &metadata, plan).unwrap();
     for t in src.tensors() {
         w.write_tensor(&t.name, src.tensor_data(t)).unwrap();

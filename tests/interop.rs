@@ -175,3 +175,23 @@ fn llama_cpp_clients_agree_with_qforge() {
     }
     assert!(failures.is_empty(), "{} interop checks failed:\n\n{}", failures.len(), failures.join("\n\n"));
 }
+
+/// Greedy decoding from qforge's F32 GGUF gives llama.cpp's tokens (the logits agree exactly in F32,
+/// so the two argmaxes can only part at an exact tie), and ends at the same end-of-generation token.
+#[test]
+fn greedy_generation_matches_llama_cpp() {
+    let Some(fixture) = fixture_model() else { return };
+    let Some(python) = venv_python() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let f32_gguf = dir.path().join("f32.gguf");
+    convert(&fixture, &f32_gguf, "gguf", "f32");
+    let (prompt, n) = ("The capital of France is", "32");
+    let ours =
+        qforge_ok(&["generate", f32_gguf.to_str().unwrap(), "--prompt", prompt, "-n", n, "--temp", "0", "--json"]);
+    let ours: serde_json::Value = serde_json::from_str(&ours).unwrap();
+    let theirs = run_script(&python, "greedy.py", &[&f32_gguf, &prompt, &n]).unwrap_or_else(|e| panic!("{e}"));
+    let theirs: Vec<u32> = serde_json::from_str(theirs.trim()).unwrap();
+    let ours: Vec<u32> = serde_json::from_value(ours["token_ids"].clone()).unwrap();
+    assert!(!theirs.is_empty());
+    assert_eq!(ours, theirs, "greedy token ids: qforge vs llama.cpp");
+}

@@ -8,22 +8,12 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{fixture_model, qforge_ok, shared_data};
+use common::{fixture_model, llama_tool, qforge_ok, shared_data};
 use formats::gguf::GgufFile;
 use qforge::quant::{Imatrix, Preset, QuantizeOptions};
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
-}
-
-fn llama_tool(name: &str) -> Option<PathBuf> {
-    let Some(dir) = std::env::var_os("QFORGE_LLAMA_CPP_BIN") else {
-        eprintln!("SKIPPED: set QFORGE_LLAMA_CPP_BIN to a llama.cpp build's bin directory");
-        return None;
-    };
-    let tool = PathBuf::from(dir).join(name);
-    assert!(tool.exists(), "{} is missing", tool.display());
-    Some(tool)
 }
 
 /// Runs a llama.cpp tool, returning its stdout and stderr together.

@@ -149,12 +149,7 @@ impl GgmlType {
             return Err(format!("dequantizing {} is not supported", t.name));
         };
         if src.len() % t.type_size != 0 || src.len() / t.type_size * t.block_size != dst.len() {
-            return Err(format!(
-                "{} data of {} bytes does not hold {} elements",
-                t.name,
-                src.len(),
-                dst.len()
-            ));
+            return Err(format!("{} data of {} bytes does not hold {} elements", t.name, src.len(), dst.len()));
         }
         f(src, dst);
         Ok(())

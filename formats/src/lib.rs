@@ -7,6 +7,7 @@
 //! - [`safetensors`]: single-file and sharded safetensors reader (zero-copy) and streaming, sharding writer.
 //! - [`lora`]: LoRA adapter files (PEFT directories, llama.cpp LoRA GGUFs): configs and tensor names.
 //! - [`output`]: atomic output files (temporary file in the target directory, fsync, rename).
+//! - [`packed`]: GPTQ (v1) and AWQ (GEMM) packed integer weights and their quantization configs.
 //!
 //! Every length read from a file is checked against the file's size before anything is allocated from it,
 //! and every error names the file it came from.
@@ -17,6 +18,7 @@ pub mod ggml_type;
 pub mod gguf;
 pub mod lora;
 pub mod output;
+pub mod packed;
 pub mod safetensors;
 
 pub use error::{Error, ErrorKind, Result};

@@ -255,7 +255,8 @@ impl ModelConfig {
         let rope_scaling = match file.get(ROPE_SCALING_KEY).and_then(MetadataValue::as_str) {
             None => None,
             Some(s) => {
-                let v: Value = serde_json::from_str(s).with_context(|| format!("{path}: invalid {ROPE_SCALING_KEY}"))?;
+                let v: Value =
+                    serde_json::from_str(s).with_context(|| format!("{path}: invalid {ROPE_SCALING_KEY}"))?;
                 Self::from_hf_json(&json!({
                     "architectures": ["LlamaForCausalLM"], "hidden_size": 1, "num_attention_heads": 1,
                     "intermediate_size": 1, "num_hidden_layers": 1, "vocab_size": 1, "rope_scaling": v,

@@ -83,6 +83,9 @@ pub struct ModelSource {
 const FILE_KEYS: &[&str] =
     &["general.architecture", "general.file_type", "general.quantization_version", "general.alignment"];
 
+/// The HF name of the token embedding, whose rows are the vocabulary.
+const EMBEDDING: &str = "model.embed_tokens.weight";
+
 /// Prefix of safetensors `__metadata__` entries that carry GGUF `general.*` keys through an HF directory.
 const GGUF_KEY_PREFIX: &str = "gguf:";
 
@@ -122,7 +125,7 @@ impl ModelSource {
                 file_name: t.name.clone(),
             })
             .collect();
-        Ok(Self { path: path.to_path_buf(), config, vocab, general, tensors, files: Files::Gguf(file) })
+        Self { path: path.to_path_buf(), config, vocab, general, tensors, files: Files::Gguf(file) }.checked()
     }
 
     fn open_hf(dir: &Path, weights: &Path) -> Result<Self> {
@@ -132,6 +135,20 @@ impl ModelSource {
         }
         let config = ModelConfig::from_config_json(&config_path)?;
         let checkpoint = Checkpoint::open(weights)?;
+        // The vocabulary is padded to vocab_size, so that must be the embedding's size, not an unchecked
+        // number from a text file.
+        let embedding = checkpoint
+            .tensor(EMBEDDING)
+            .with_context(|| format!("{}: the checkpoint has no {EMBEDDING}", weights.display()))?;
+        if embedding.shape.first() != Some(&config.vocab_size) {
+            bail!(
+                "{}: vocab_size {} does not match {EMBEDDING} of shape {:?} in {}",
+                config_path.display(),
+                config.vocab_size,
+                embedding.shape,
+                embedding.path.display()
+            );
+        }
         let vocab = read_hf_vocab(dir, config.vocab_size)?;
         let general = checkpoint
             .metadata()
@@ -165,7 +182,23 @@ impl ModelSource {
         }
         // llama.cpp's converter writes tensors in the checkpoint's (name-sorted) order.
         tensors.sort_by(|a, b| a.hf_name.cmp(&b.hf_name));
-        Ok(Self { path: dir.to_path_buf(), config, vocab, general, tensors, files: Files::Hf(checkpoint) })
+        Self { path: dir.to_path_buf(), config, vocab, general, tensors, files: Files::Hf(checkpoint) }.checked()
+    }
+
+    /// Fails when a q/k projection's rows cannot be split into the config's heads of rotary pairs, which
+    /// the row permutation between HF and GGUF order needs.
+    fn checked(self) -> Result<Self> {
+        for t in &self.tensors {
+            let (Some(heads), Some(&rows)) = (self.qk_heads(t), t.shape.first()) else { continue };
+            if rows % (2 * heads) != 0 {
+                bail!(
+                    "{}: tensor {} has {rows} rows, which do not split into {heads} heads of rotary pairs",
+                    self.path.display(),
+                    t.gguf_name
+                );
+            }
+        }
+        Ok(self)
     }
 
     pub fn is_gguf(&self) -> bool {

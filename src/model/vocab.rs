@@ -198,7 +198,7 @@ impl Vocab {
                 entries.push((id, content.to_string(), 0.0));
             }
         }
-        let n = entries.iter().map(|(i, _, _)| i + 1).max().unwrap_or(0).max(vocab_size.unwrap_or(0));
+        let n = entries.iter().map(|(i, _, _)| i.saturating_add(1)).max().unwrap_or(0).max(vocab_size.unwrap_or(0));
         if n > 16 << 20 {
             bail!("tokenizer.json: token id {n} is implausibly large");
         }
@@ -230,8 +230,9 @@ impl Vocab {
                 if t["special"].as_bool().unwrap_or(false) { token_type::CONTROL } else { token_type::USER_DEFINED };
         }
         if let Some(u) = unk {
-            *token_types.get_mut(u as usize).with_context(|| format!("tokenizer.json: unk_id {u} is not a token id"))? =
-                token_type::UNKNOWN;
+            *token_types
+                .get_mut(u as usize)
+                .with_context(|| format!("tokenizer.json: unk_id {u} is not a token id"))? = token_type::UNKNOWN;
         }
         let tokens: Vec<String> =
             tokens.into_iter().enumerate().map(|(i, t)| t.unwrap_or_else(|| format!("[PAD{i}]"))).collect();
@@ -344,9 +345,11 @@ impl Vocab {
                 cfg.insert(field.into(), t);
             }
         }
-        for (field, v) in
-            [("add_bos_token", self.add_bos), ("add_eos_token", self.add_eos), ("add_prefix_space", self.add_space_prefix)]
-        {
+        for (field, v) in [
+            ("add_bos_token", self.add_bos),
+            ("add_eos_token", self.add_eos),
+            ("add_prefix_space", self.add_space_prefix),
+        ] {
             if let Some(b) = v {
                 cfg.insert(field.into(), json!(b));
             }
@@ -388,8 +391,22 @@ fn known_pre_names() -> String {
 fn splitting_fields(v: &Value) -> Value {
     match v {
         Value::Object(o) => {
-            let keep = ["type", "pretokenizers", "individual_digits", "pattern", "behavior", "invert", "use_regex", "add_prefix_space"];
-            Value::Object(o.iter().filter(|(k, _)| keep.contains(&k.as_str())).map(|(k, v)| (k.clone(), splitting_fields(v))).collect())
+            let keep = [
+                "type",
+                "pretokenizers",
+                "individual_digits",
+                "pattern",
+                "behavior",
+                "invert",
+                "use_regex",
+                "add_prefix_space",
+            ];
+            Value::Object(
+                o.iter()
+                    .filter(|(k, _)| keep.contains(&k.as_str()))
+                    .map(|(k, v)| (k.clone(), splitting_fields(v)))
+                    .collect(),
+            )
         }
         Value::Array(a) => Value::Array(a.iter().map(splitting_fields).collect()),
         other => other.clone(),
@@ -399,6 +416,13 @@ fn splitting_fields(v: &Value) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_token_id_of_u64_max_is_an_error_not_an_overflow() {
+        let tokenizer = json!({"model": {"type": "BPE", "vocab": {"a": 0, "b": u64::MAX}, "merges": []}});
+        let err = Vocab::from_hf(&tokenizer, &Value::Null, None).unwrap_err();
+        assert!(err.to_string().contains("implausibly large"), "{err}");
+    }
 
     fn tiny_bpe() -> Vocab {
         Vocab {

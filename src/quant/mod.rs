@@ -6,8 +6,11 @@
 //!   imply, ported from llama.cpp's `llama-quant.cpp`.
 //! - [`imatrix`]: llama.cpp importance-matrix files (GGUF and legacy `.dat`), read and written.
 //! - [`file`]: `qforge quantize`, a whole model streamed tensor by tensor into a quantized GGUF.
+//! - [`gptq`]: GPTQ for one linear layer (Hessian accumulation, error-feedback rounding) and RTN on the
+//!   same grouped integer grid.
 
 pub mod file;
+pub mod gptq;
 pub mod imatrix;
 pub mod presets;
 pub mod tensor;

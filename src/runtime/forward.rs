@@ -1,6 +1,10 @@
 //! The forward pass, straight down: embed, then per block norm → attention → residual → norm →
 //! SwiGLU MLP → residual, then the final norm and the output head. One small function per operation;
 //! activations are row-major `tokens × width` f32 buffers.
+//!
+//! [`Model::forward_observed`] shows a [`LinearObserver`] the input rows of every block's linear layer
+//! (what `llama-imatrix` collects); [`Model::forward`] passes the no-op `()` observer, which compiles
+//! away.
 
 use std::ops::Range;
 
@@ -8,7 +12,7 @@ use anyhow::{bail, Result};
 use rayon::prelude::*;
 
 use super::attention::{attention, KvCache};
-use super::kernels::Linear;
+use super::kernels::{GgmlLinear, Linear};
 use super::math;
 use super::model::{Layer, Model};
 use super::rope::RopeTable;
@@ -45,6 +49,63 @@ impl Buffers {
     }
 }
 
+/// The linear layers of a transformer block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BlockLinear {
+    AttnQ,
+    AttnK,
+    AttnV,
+    AttnOutput,
+    FfnGate,
+    FfnUp,
+    FfnDown,
+}
+
+impl BlockLinear {
+    /// In the order the forward pass runs them.
+    pub const ALL: [Self; 7] =
+        [Self::AttnQ, Self::AttnK, Self::AttnV, Self::AttnOutput, Self::FfnGate, Self::FfnUp, Self::FfnDown];
+
+    /// The weight's GGUF name within block `blk.N.`, e.g. `attn_q.weight`.
+    pub fn gguf_name(self) -> &'static str {
+        match self {
+            Self::AttnQ => "attn_q.weight",
+            Self::AttnK => "attn_k.weight",
+            Self::AttnV => "attn_v.weight",
+            Self::AttnOutput => "attn_output.weight",
+            Self::FfnGate => "ffn_gate.weight",
+            Self::FfnUp => "ffn_up.weight",
+            Self::FfnDown => "ffn_down.weight",
+        }
+    }
+
+    /// This linear layer of `layer`.
+    pub fn of<'l, 'a>(self, layer: &'l Layer<'a>) -> &'l GgmlLinear<'a> {
+        match self {
+            Self::AttnQ => &layer.wq,
+            Self::AttnK => &layer.wk,
+            Self::AttnV => &layer.wv,
+            Self::AttnOutput => &layer.wo,
+            Self::FfnGate => &layer.w_gate,
+            Self::FfnUp => &layer.w_up,
+            Self::FfnDown => &layer.w_down,
+        }
+    }
+}
+
+/// Sees what every block's linear layers are fed during a forward pass.
+pub trait LinearObserver {
+    /// `x` is the input of `linear` in block `layer`: `tokens × in_features`, row-major, one row per
+    /// token of the batch.
+    fn observe(&mut self, layer: usize, linear: BlockLinear, x: &[f32]);
+}
+
+/// Observes nothing: the plain forward pass.
+impl LinearObserver for () {
+    #[inline(always)]
+    fn observe(&mut self, _: usize, _: BlockLinear, _: &[f32]) {}
+}
+
 impl Model<'_> {
     /// A KV cache for up to `capacity` positions.
     pub fn new_cache(&self, capacity: usize) -> KvCache {
@@ -54,6 +115,17 @@ impl Model<'_> {
     /// Runs `tokens`, which follow the positions already in `cache`, through the model and returns
     /// the logits (`outputs.len() × vocab`, row-major) of the batch rows in `outputs`.
     pub fn forward(&self, cache: &mut KvCache, tokens: &[u32], outputs: Range<usize>) -> Result<Vec<f32>> {
+        self.forward_observed(cache, tokens, outputs, &mut ())
+    }
+
+    /// [`forward`](Self::forward), showing `observer` the input of every block's linear layers.
+    pub fn forward_observed<O: LinearObserver + ?Sized>(
+        &self,
+        cache: &mut KvCache,
+        tokens: &[u32],
+        outputs: Range<usize>,
+        observer: &mut O,
+    ) -> Result<Vec<f32>> {
         let (n, first_pos) = (tokens.len(), cache.len());
         if first_pos + n > cache.capacity() {
             bail!("{} positions exceed the KV cache's {}", first_pos + n, cache.capacity());
@@ -65,10 +137,14 @@ impl Model<'_> {
         let mut buf = Buffers::new(self, n);
         let mut x = self.embed(tokens)?;
         for (l, layer) in self.layers.iter().enumerate() {
-            self.attention_block(layer, l, &mut x, cache, &rope, &mut buf);
-            self.mlp_block(layer, &mut x, &mut buf);
+            self.attention_block(layer, l, &mut x, cache, &rope, &mut buf, observer);
+            self.mlp_block(layer, l, &mut x, &mut buf, observer);
         }
         cache.advance(n);
+        // A pass that only fills the cache, or only feeds an observer, needs no logits.
+        if outputs.is_empty() {
+            return Ok(Vec::new());
+        }
         let hidden = self.config.hidden_size;
         let last = &mut x[outputs.start * hidden..outputs.end * hidden];
         rms_norm(last, &self.output_norm, self.config.rms_norm_eps);
@@ -77,7 +153,18 @@ impl Model<'_> {
         Ok(logits)
     }
 
-    fn embed(&self, tokens: &[u32]) -> Result<Vec<f32>> {
+    /// Runs block `l` with the weights `layer` (the model's own, or stand-ins such as GPTQ's quantized
+    /// ones) over `x`, one whole sequence from position 0 (`tokens × hidden`), updating it in place.
+    pub fn block_forward<O: LinearObserver + ?Sized>(&self, layer: &Layer, l: usize, x: &mut [f32], observer: &mut O) {
+        let n = x.len() / self.config.hidden_size;
+        let mut cache = self.new_cache(n);
+        let mut buf = Buffers::new(self, n);
+        self.attention_block(layer, l, x, &mut cache, &self.rope.table(0..n), &mut buf, observer);
+        self.mlp_block(layer, l, x, &mut buf, observer);
+    }
+
+    /// The embedding rows of `tokens` (`tokens × hidden`).
+    pub fn embed(&self, tokens: &[u32]) -> Result<Vec<f32>> {
         let (vocab, hidden) = (self.token_embd.rows(), self.token_embd.cols());
         let mut x = vec![0f32; tokens.len() * hidden];
         for (&t, row) in tokens.iter().zip(x.chunks_exact_mut(hidden)) {
@@ -89,7 +176,8 @@ impl Model<'_> {
         Ok(x)
     }
 
-    fn attention_block(
+    #[allow(clippy::too_many_arguments)]
+    fn attention_block<O: LinearObserver + ?Sized>(
         &self,
         layer: &Layer,
         l: usize,
@@ -97,9 +185,13 @@ impl Model<'_> {
         cache: &mut KvCache,
         rope: &RopeTable,
         buf: &mut Buffers,
+        observer: &mut O,
     ) {
         buf.h.copy_from_slice(x);
         rms_norm(&mut buf.h, &layer.attn_norm, self.config.rms_norm_eps);
+        for linear in [BlockLinear::AttnQ, BlockLinear::AttnK, BlockLinear::AttnV] {
+            observer.observe(l, linear, &buf.h);
+        }
         layer.wq.forward(&buf.h, &mut buf.q);
         layer.wk.forward(&buf.h, &mut buf.k);
         layer.wv.forward(&buf.h, &mut buf.v);
@@ -114,17 +206,28 @@ impl Model<'_> {
         cache.append(l, &buf.k, &buf.v);
         let (keys, values) = cache.layer(l);
         attention(&buf.q, keys, values, self.heads, first_pos, &mut buf.att);
+        observer.observe(l, BlockLinear::AttnOutput, &buf.att);
         layer.wo.forward(&buf.att, &mut buf.out);
         add(x, &buf.out);
     }
 
-    fn mlp_block(&self, layer: &Layer, x: &mut [f32], buf: &mut Buffers) {
+    fn mlp_block<O: LinearObserver + ?Sized>(
+        &self,
+        layer: &Layer,
+        l: usize,
+        x: &mut [f32],
+        buf: &mut Buffers,
+        observer: &mut O,
+    ) {
         buf.h.copy_from_slice(x);
         rms_norm(&mut buf.h, &layer.ffn_norm, self.config.rms_norm_eps);
+        observer.observe(l, BlockLinear::FfnGate, &buf.h);
+        observer.observe(l, BlockLinear::FfnUp, &buf.h);
         layer.w_gate.forward(&buf.h, &mut buf.gate);
         layer.w_up.forward(&buf.h, &mut buf.up);
         let ffn = self.config.intermediate_size;
         buf.gate.par_chunks_mut(ffn).zip(buf.up.par_chunks(ffn)).for_each(|(g, u)| math::silu_mul(g, u));
+        observer.observe(l, BlockLinear::FfnDown, &buf.gate);
         layer.w_down.forward(&buf.gate, &mut buf.out);
         add(x, &buf.out);
     }

@@ -83,3 +83,15 @@ pub fn dir_entries(dir: &Path) -> Vec<String> {
     v.sort();
     v
 }
+
+/// A llama.cpp tool from the build directory `QFORGE_LLAMA_CPP_BIN` names, or `None` (the caller skips)
+/// when it is unset: llama.cpp is built beside the project for comparisons, never in CI.
+pub fn llama_tool(name: &str) -> Option<PathBuf> {
+    let Some(dir) = std::env::var_os("QFORGE_LLAMA_CPP_BIN") else {
+        eprintln!("SKIPPED: set QFORGE_LLAMA_CPP_BIN to a llama.cpp build's bin directory");
+        return None;
+    };
+    let tool = PathBuf::from(dir).join(name);
+    assert!(tool.exists(), "{} is missing", tool.display());
+    Some(tool)
+}

@@ -8,9 +8,7 @@ const BLOCK: usize = 32;
 const BYTES: usize = 18;
 
 /// ggml's `kvalues_iq4nl`: levels spaced more densely near zero, where weights cluster.
-pub(crate) const CODEBOOK: [i8; 16] = [
-    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
-];
+pub(crate) const CODEBOOK: [i8; 16] = [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113];
 
 pub fn dequantize(src: &[u8], dst: &mut [f32]) {
     for (b, y) in src.chunks_exact(BYTES).zip(dst.chunks_exact_mut(BLOCK)) {
@@ -31,11 +29,7 @@ pub(crate) fn decode_nibbles(d: f32, qs: &[u8], y: &mut [f32]) {
 /// llama.cpp's `quantize_iq4_nl` (what llama-quantize runs): each block's scale is the best weighted
 /// fit over 15 candidates, with weights `x²` or, given importance, [`scale_search::importance_weights`].
 pub fn quantize(src: &[f32], dst: &mut [u8], importance: Option<&[f32]>) {
-    for (i, (x, b)) in src
-        .chunks_exact(BLOCK)
-        .zip(dst.chunks_exact_mut(BYTES))
-        .enumerate()
-    {
+    for (i, (x, b)) in src.chunks_exact(BLOCK).zip(dst.chunks_exact_mut(BYTES)).enumerate() {
         let x: &[f32; BLOCK] = x.try_into().expect("chunks of 32");
         let sigma2 = scale_search::sum_of_squares(x) * (2.0 / BLOCK as f32);
         let importance = importance.map(|imp| &imp[i * BLOCK..][..BLOCK]);
@@ -46,11 +40,7 @@ pub fn quantize(src: &[f32], dst: &mut [u8], importance: Option<&[f32]>) {
 }
 
 /// One 32-element block's weights: `x²` without importance, else the importance weights for `sigma2`.
-pub(crate) fn block_weights(
-    x: &[f32; BLOCK],
-    importance: Option<&[f32]>,
-    sigma2: f32,
-) -> [f32; BLOCK] {
+pub(crate) fn block_weights(x: &[f32; BLOCK], importance: Option<&[f32]>, sigma2: f32) -> [f32; BLOCK] {
     let mut weights = [0f32; BLOCK];
     match importance {
         Some(importance) => scale_search::importance_weights(x, importance, sigma2, &mut weights),
@@ -149,9 +139,7 @@ mod tests {
 
     #[test]
     fn decodes_hand_built_block() {
-        let levels = [
-            -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
-        ];
+        let levels = [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113];
         let q: Vec<u8> = (0..32).map(|i| (i * 5 % 16) as u8).collect();
         let mut block = [0u8; BYTES];
         block[..2].copy_from_slice(&f16::from_f32(0.25).to_le_bytes());
@@ -192,9 +180,7 @@ mod tests {
 
     #[test]
     fn round_trip_stays_within_bound() {
-        check_encoder(GgmlType::IQ4_NL, BLOCK, |g| {
-            symmetric_bound(g, 127.0 / 12.0)
-        });
+        check_encoder(GgmlType::IQ4_NL, BLOCK, |g| symmetric_bound(g, 127.0 / 12.0));
     }
 
     #[test]

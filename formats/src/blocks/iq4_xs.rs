@@ -25,11 +25,7 @@ pub fn dequantize(src: &[u8], dst: &mut [f32]) {
 /// llama.cpp's `quantize_iq4_xs`: each 32-element sub-block gets IQ4_NL's scale fit, then the scales
 /// are rounded to signed 6-bit multiples of the super-block's f16 `d` and the indices recomputed.
 pub fn quantize(src: &[f32], dst: &mut [u8], importance: Option<&[f32]>) {
-    for (i, (x, b)) in src
-        .chunks_exact(QK_K)
-        .zip(dst.chunks_exact_mut(BYTES))
-        .enumerate()
-    {
+    for (i, (x, b)) in src.chunks_exact(QK_K).zip(dst.chunks_exact_mut(BYTES)).enumerate() {
         let sigma2 = scale_search::sum_of_squares(x) * (2.0 / QK_K as f32);
         let mut scales = [0f32; 8];
         for (ib, xs) in x.chunks_exact(32).enumerate() {
@@ -70,9 +66,7 @@ mod tests {
 
     #[test]
     fn decodes_hand_built_block() {
-        let codebook = [
-            -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
-        ];
+        let codebook = [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113];
         let mut rng = Rng::new(23);
         let q: Vec<u8> = (0..QK_K).map(|_| (rng.next_u64() % 16) as u8).collect();
         let ls: Vec<u16> = (0..8).map(|_| (rng.next_u64() % 64) as u16).collect();
@@ -80,11 +74,7 @@ mod tests {
 
         let mut block = [0u8; BYTES];
         block[..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
-        let scales_h: u16 = ls
-            .iter()
-            .enumerate()
-            .map(|(ib, &l)| (l >> 4) << (2 * ib))
-            .sum();
+        let scales_h: u16 = ls.iter().enumerate().map(|(ib, &l)| (l >> 4) << (2 * ib)).sum();
         block[2..4].copy_from_slice(&scales_h.to_le_bytes());
         for (ib, &l) in ls.iter().enumerate() {
             block[4 + ib / 2] |= ((l & 0xF) as u8) << (4 * (ib % 2));
@@ -93,9 +83,8 @@ mod tests {
             }
         }
 
-        let expected: Vec<f32> = (0..QK_K)
-            .map(|i| d * (ls[i / 32] as f32 - 32.0) * codebook[q[i] as usize] as f32)
-            .collect();
+        let expected: Vec<f32> =
+            (0..QK_K).map(|i| d * (ls[i / 32] as f32 - 32.0) * codebook[q[i] as usize] as f32).collect();
         let mut y = vec![0f32; QK_K];
         dequantize(&block, &mut y);
         assert_close(&y, &expected);

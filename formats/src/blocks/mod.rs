@@ -117,10 +117,7 @@ pub(crate) fn pack_nibbles(q: &[u8; 32], qs: &mut [u8]) {
 #[inline]
 pub(crate) fn pack_q5(q: &[u8; 32], qh: &mut [u8], qs: &mut [u8]) {
     pack_nibbles(q, qs);
-    let high = q
-        .iter()
-        .enumerate()
-        .fold(0u32, |acc, (j, &v)| acc | (u32::from(v >> 4) & 1) << j);
+    let high = q.iter().enumerate().fold(0u32, |acc, (j, &v)| acc | (u32::from(v >> 4) & 1) << j);
     qh[..4].copy_from_slice(&high.to_le_bytes());
 }
 
@@ -144,10 +141,7 @@ pub(crate) fn scale_min_k4(j: usize, scales: &[u8]) -> (u8, u8) {
     if j < 4 {
         (scales[j] & 63, scales[j + 4] & 63)
     } else {
-        (
-            (scales[j + 4] & 0xF) | ((scales[j - 4] >> 6) << 4),
-            (scales[j + 4] >> 4) | ((scales[j] >> 6) << 4),
-        )
+        ((scales[j + 4] & 0xF) | ((scales[j - 4] >> 6) << 4), (scales[j + 4] >> 4) | ((scales[j] >> 6) << 4))
     }
 }
 
@@ -206,10 +200,7 @@ mod tests {
             for (i, block) in bytes.chunks(ts).enumerate() {
                 let mut one = vec![0f32; bs];
                 ty.dequantize(block, &mut one).unwrap();
-                let same = one
-                    .iter()
-                    .zip(&whole[i * bs..])
-                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                let same = one.iter().zip(&whole[i * bs..]).all(|(a, b)| a.to_bits() == b.to_bits());
                 assert!(same, "{ty} block {i}");
             }
         }
@@ -261,19 +252,12 @@ mod tests {
             let quantize = ty.traits().quantize.unwrap();
             let row_bytes = ty.row_bytes(512).unwrap() as usize;
             let mut bytes = vec![0u8; x.len() / 512 * row_bytes];
-            for (mode, expected, importance) in [
-                ("plain", plain, None),
-                ("importance", weighted, Some(&importance)),
-            ] {
+            for (mode, expected, importance) in [("plain", plain, None), ("importance", weighted, Some(&importance))] {
                 for (r, out) in bytes.chunks_exact_mut(row_bytes).enumerate() {
                     let row = r * 512..(r + 1) * 512;
                     quantize(&x[row.clone()], out, importance.map(|imp| &imp[row]));
                 }
-                assert_eq!(
-                    test_data::fnv1a(&bytes),
-                    expected,
-                    "{ty} ({mode}) differs from llama.cpp"
-                );
+                assert_eq!(test_data::fnv1a(&bytes), expected, "{ty} ({mode}) differs from llama.cpp");
             }
         }
     }
@@ -284,11 +268,7 @@ mod tests {
         let mins: [u8; 8] = std::array::from_fn(|j| 5 + 8 * j as u8);
         let packed = pack_scale_min_k4(&scales, &mins);
         for j in 0..8 {
-            assert_eq!(
-                scale_min_k4(j, &packed),
-                (scales[j], mins[j]),
-                "sub-block {j}"
-            );
+            assert_eq!(scale_min_k4(j, &packed), (scales[j], mins[j]), "sub-block {j}");
         }
     }
 
@@ -302,11 +282,7 @@ mod tests {
             let byte = 32 * (e / 128) + e % 32;
             let shift = 2 * (e % 128 / 32);
             for (i, &b) in packed.iter().enumerate() {
-                assert_eq!(
-                    b,
-                    if i == byte { 3 << shift } else { 0 },
-                    "element {e}, byte {i}"
-                );
+                assert_eq!(b, if i == byte { 3 << shift } else { 0 }, "element {e}, byte {i}");
             }
         }
     }
@@ -329,16 +305,7 @@ mod tests {
 
     #[test]
     fn nearest_int_rounds_ties_to_even() {
-        for (x, n) in [
-            (0.5, 0),
-            (1.5, 2),
-            (2.5, 2),
-            (-0.5, 0),
-            (-1.5, -2),
-            (3.49, 3),
-            (-7.6, -8),
-            (0.0, 0),
-        ] {
+        for (x, n) in [(0.5, 0), (1.5, 2), (2.5, 2), (-0.5, 0), (-1.5, -2), (3.49, 3), (-7.6, -8), (0.0, 0)] {
             assert_eq!(nearest_int(x), n, "{x}");
         }
     }
@@ -358,10 +325,7 @@ mod tests {
         let mut block = [0u8; 20];
         let (qh, qs) = block.split_at_mut(4);
         pack_q5(&q, qh, qs);
-        assert_eq!(
-            u32::from_le_bytes([block[0], block[1], block[2], block[3]]).count_ones(),
-            16
-        );
+        assert_eq!(u32::from_le_bytes([block[0], block[1], block[2], block[3]]).count_ones(), 16);
         assert_eq!(unpack_q5(&block[..4], &block[4..]), q);
     }
 
@@ -382,11 +346,7 @@ mod tests {
             }
         }
         for j in 0..8 {
-            assert_eq!(
-                scale_min_k4(j, &packed),
-                (63 - j as u8, j as u8 + 32),
-                "sub-block {j}"
-            );
+            assert_eq!(scale_min_k4(j, &packed), (63 - j as u8, j as u8 + 32), "sub-block {j}");
         }
     }
 }
@@ -447,10 +407,7 @@ pub(crate) mod test_data {
         for (g, (xg, yg)) in x.chunks(group).zip(y.chunks(group)).enumerate() {
             let limit = bound(xg);
             for (i, (a, b)) in xg.iter().zip(yg).enumerate() {
-                assert!(
-                    (a - b).abs() <= limit,
-                    "group {g} element {i}: {a} -> {b}, bound {limit}"
-                );
+                assert!((a - b).abs() <= limit, "group {g} element {i}: {a} -> {b}, bound {limit}");
             }
         }
     }
@@ -474,12 +431,7 @@ pub(crate) mod test_data {
     pub fn check_encoder(ty: GgmlType, group: usize, bound: impl Fn(&[f32]) -> f32) {
         for (row, importance) in encoder_test_rows(1024) {
             assert_within(&row, &round_trip_row(ty, &row, None), group, &bound);
-            assert_within(
-                &row,
-                &round_trip_row(ty, &row, Some(&importance)),
-                group,
-                &bound,
-            );
+            assert_within(&row, &round_trip_row(ty, &row, Some(&importance)), group, &bound);
         }
     }
 
@@ -495,9 +447,7 @@ pub(crate) mod test_data {
 
     /// FNV-1a, to compare long encoder outputs with reference outputs.
     pub fn fnv1a(bytes: &[u8]) -> u64 {
-        bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
-            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-        })
+        bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
     }
 
     /// The input of the llama.cpp comparison: 6 rows of 512 with varied block magnitudes and a skewed
@@ -523,20 +473,13 @@ pub(crate) mod test_data {
     pub fn assert_close(decoded: &[f32], expected: &[f32]) {
         assert_eq!(decoded.len(), expected.len());
         for (i, (a, b)) in decoded.iter().zip(expected).enumerate() {
-            assert!(
-                (a - b).abs() <= 1e-5 * b.abs() + 1e-6,
-                "element {i}: decoded {a}, expected {b}"
-            );
+            assert!((a - b).abs() <= 1e-5 * b.abs() + 1e-6, "element {i}: decoded {a}, expected {b}");
         }
     }
 
     /// Σ w·(x − y)², the error the importance-weighted encoders minimise.
     pub fn weighted_sse(x: &[f32], y: &[f32], w: &[f32]) -> f32 {
-        x.iter()
-            .zip(y)
-            .zip(w)
-            .map(|((a, b), w)| w * (a - b) * (a - b))
-            .sum()
+        x.iter().zip(y).zip(w).map(|((a, b), w)| w * (a - b) * (a - b)).sum()
     }
 
     /// Importance concentrated on one element per 32-element block (a different one in each block).
@@ -588,16 +531,8 @@ pub(crate) mod test_data {
         let mut outlier = vec![0.001; n];
         outlier[n / 3] = -6.0e4;
         rows.push(outlier);
-        rows.push(
-            (0..n)
-                .map(|i| if i % 2 == 0 { 1.0e-40 } else { -3.0e-39 })
-                .collect(),
-        );
-        rows.push(
-            (0..n)
-                .map(|i| 1.0e-6 * (i as f32 - n as f32 / 2.0))
-                .collect(),
-        );
+        rows.push((0..n).map(|i| if i % 2 == 0 { 1.0e-40 } else { -3.0e-39 }).collect());
+        rows.push((0..n).map(|i| 1.0e-6 * (i as f32 - n as f32 / 2.0)).collect());
         rows.push(vec![-2.5; n]);
         rows.push((0..n).map(|i| (i % 7) as f32 - 3.0).collect());
         rows

@@ -30,11 +30,7 @@ pub fn dequantize(src: &[u8], dst: &mut [f32]) {
 
 /// Without importance: llama.cpp's `quantize_row_q2_K_ref`. With importance: `quantize_row_q2_K_impl`.
 pub fn quantize(src: &[f32], dst: &mut [u8], importance: Option<&[f32]>) {
-    for (i, (x, b)) in src
-        .chunks_exact(QK_K)
-        .zip(dst.chunks_exact_mut(BYTES))
-        .enumerate()
-    {
+    for (i, (x, b)) in src.chunks_exact(QK_K).zip(dst.chunks_exact_mut(BYTES)).enumerate() {
         let x: &[f32; QK_K] = x.try_into().expect("chunks of QK_K");
         let mut levels = [0u8; QK_K];
         let (scales, d, dmin) = match importance {
@@ -45,11 +41,7 @@ pub fn quantize(src: &[f32], dst: &mut [u8], importance: Option<&[f32]>) {
         write_f16(b, 80, d);
         write_f16(b, 82, dmin);
         let (d, dmin) = (read_f16(b, 80), read_f16(b, 82));
-        for ((xs, out), &sc) in x
-            .chunks_exact(16)
-            .zip(levels.chunks_exact_mut(16))
-            .zip(&scales)
-        {
+        for ((xs, out), &sc) in x.chunks_exact(16).zip(levels.chunks_exact_mut(16)).zip(&scales) {
             let dl = d * (sc & 0xF) as f32;
             if dl != 0.0 {
                 requantize(xs, dl, dmin * (sc >> 4) as f32, (0, 3), out);
@@ -62,13 +54,8 @@ pub fn quantize(src: &[f32], dst: &mut [u8], importance: Option<&[f32]>) {
 /// Fits each 16-element sub-block with weights `|x|` on a coarse grid scored by absolute error, then
 /// scales the 4-bit scales and mins to the largest of each. Returns the scale bytes, `d` and `dmin`.
 fn plain_scales(x: &[f32; QK_K], levels: &mut [u8; QK_K]) -> ([u8; 16], f32, f32) {
-    const GRID: AffineGrid = AffineGrid {
-        rmin: -0.5,
-        rdelta: 0.1,
-        steps: 15,
-        metric: ErrorMetric::Absolute,
-        saturate: false,
-    };
+    const GRID: AffineGrid =
+        AffineGrid { rmin: -0.5, rdelta: 0.1, steps: 15, metric: ErrorMetric::Absolute, saturate: false };
     let weights = x.map(f32::abs);
     let (scales, mins) = scale_search::affine_on_grid::<16, 16>(x, &weights, 3, levels, &GRID);
     let mins = mins.map(|m| -m);
@@ -97,11 +84,7 @@ fn plain_scales(x: &[f32; QK_K], levels: &mut [u8; QK_K]) -> ([u8; 16], f32, f32
 
 /// Fits each 16-element sub-block with importance weights on the fine grid, then fits the 4-bit
 /// scales and mins themselves, weighted by each sub-block's total weight.
-fn weighted_scales(
-    x: &[f32; QK_K],
-    importance: &[f32],
-    levels: &mut [u8; QK_K],
-) -> ([u8; 16], f32, f32) {
+fn weighted_scales(x: &[f32; QK_K], importance: &[f32], levels: &mut [u8; QK_K]) -> ([u8; 16], f32, f32) {
     let sigma2 = scale_search::sum_of_squares(x) / QK_K as f32;
     let mut sums = [0f32; 16];
     let mut weights = [0f32; QK_K];
@@ -140,8 +123,7 @@ mod tests {
         for half in [0, 128] {
             for l in 0..32 {
                 let e = half + l;
-                block[16 + half / 4 + l] =
-                    levels[e] | levels[e + 32] << 2 | levels[e + 64] << 4 | levels[e + 96] << 6;
+                block[16 + half / 4 + l] = levels[e] | levels[e + 32] << 2 | levels[e + 64] << 4 | levels[e + 96] << 6;
             }
         }
         block[80..82].copy_from_slice(&f16::from_f32(d).to_le_bytes());

@@ -16,11 +16,7 @@ pub fn dequantize(src: &[u8], dst: &mut [f32]) {
         let (hmask, qs, packed) = (&b[..32], &b[32..96], &b[96..108]);
         let d = read_f16(b, 108);
         for (sub, y) in y.chunks_exact_mut(16).enumerate() {
-            let low = if sub < 8 {
-                packed[sub] & 0xF
-            } else {
-                packed[sub - 8] >> 4
-            };
+            let low = if sub < 8 { packed[sub] & 0xF } else { packed[sub - 8] >> 4 };
             let high = (packed[8 + sub % 4] >> (2 * (sub / 4))) & 3;
             let dl = d * ((low | high << 4) as i32 - 32) as f32;
             let shift = 2 * (sub % 8 / 2);
@@ -38,11 +34,7 @@ pub fn dequantize(src: &[u8], dst: &mut [f32]) {
 
 /// Without importance: llama.cpp's `quantize_row_q3_K_ref`. With importance: `quantize_row_q3_K_impl`.
 pub fn quantize(src: &[f32], dst: &mut [u8], importance: Option<&[f32]>) {
-    for (i, (x, b)) in src
-        .chunks_exact(QK_K)
-        .zip(dst.chunks_exact_mut(BYTES))
-        .enumerate()
-    {
+    for (i, (x, b)) in src.chunks_exact(QK_K).zip(dst.chunks_exact_mut(BYTES)).enumerate() {
         let x: &[f32; QK_K] = x.try_into().expect("chunks of QK_K");
         let mut levels = [0u8; QK_K];
         let (scales, d) = match importance {
@@ -51,11 +43,7 @@ pub fn quantize(src: &[f32], dst: &mut [u8], importance: Option<&[f32]>) {
         };
         write_f16(b, 108, d);
         let d = read_f16(b, 108);
-        for ((xs, out), &sc) in x
-            .chunks_exact(16)
-            .zip(levels.chunks_exact_mut(16))
-            .zip(&scales)
-        {
+        for ((xs, out), &sc) in x.chunks_exact(16).zip(levels.chunks_exact_mut(16)).zip(&scales) {
             let dl = d * (sc as i32 - 32) as f32;
             if dl != 0.0 {
                 requantize(xs, dl, 0.0, (-4, 3), out);
@@ -79,10 +67,7 @@ pub fn quantize(src: &[f32], dst: &mut [u8], importance: Option<&[f32]>) {
 /// largest in magnitude. Returns the scales as stored (`0..64`, i.e. offset by 32) and `d`.
 fn plain_scales(x: &[f32; QK_K], levels: &mut [u8; QK_K]) -> ([u8; 16], f32) {
     let mut scales = [0f32; 16];
-    for (s, (xs, ls)) in scales
-        .iter_mut()
-        .zip(x.chunks_exact(16).zip(levels.chunks_exact_mut(16)))
-    {
+    for (s, (xs, ls)) in scales.iter_mut().zip(x.chunks_exact(16).zip(levels.chunks_exact_mut(16))) {
         *s = scale_search::symmetric_refined(xs, 4, ls);
     }
     let max_scale = super::signed_absmax(&scales);
@@ -97,20 +82,12 @@ fn plain_scales(x: &[f32; QK_K], levels: &mut [u8; QK_K]) -> ([u8; 16], f32) {
 
 /// Fits each 16-element sub-block's signed scale with importance weights, then fits the 6-bit scales
 /// themselves, weighted by each sub-block's total weight.
-fn weighted_scales(
-    x: &[f32; QK_K],
-    importance: &[f32],
-    levels: &mut [u8; QK_K],
-) -> ([u8; 16], f32) {
+fn weighted_scales(x: &[f32; QK_K], importance: &[f32], levels: &mut [u8; QK_K]) -> ([u8; 16], f32) {
     let sigma2 = 2.0 * scale_search::sum_of_squares(x) / QK_K as f32;
     let mut scales = [0f32; 16];
     let mut sums = [0f32; 16];
     let mut weights = [0f32; 16];
-    for (j, (xs, ls)) in x
-        .chunks_exact(16)
-        .zip(levels.chunks_exact_mut(16))
-        .enumerate()
-    {
+    for (j, (xs, ls)) in x.chunks_exact(16).zip(levels.chunks_exact_mut(16)).enumerate() {
         scale_search::importance_weights(xs, &importance[16 * j..], sigma2, &mut weights);
         sums[j] = weights.iter().fold(0.0, |acc, &w| acc + w);
         scales[j] = scale_search::symmetric(xs, &weights, 4, ls);
@@ -159,8 +136,7 @@ mod tests {
         for half in [0, 128] {
             for l in 0..32 {
                 let e = half + l;
-                block[32 + half / 4 + l] =
-                    low2[e] | low2[e + 32] << 2 | low2[e + 64] << 4 | low2[e + 96] << 6;
+                block[32 + half / 4 + l] = low2[e] | low2[e + 32] << 2 | low2[e + 64] << 4 | low2[e + 96] << 6;
             }
         }
         for (j, &s) in scales.iter().enumerate() {
@@ -173,9 +149,8 @@ mod tests {
         }
         block[108..110].copy_from_slice(&f16::from_f32(d).to_le_bytes());
 
-        let expected: Vec<f32> = (0..QK_K)
-            .map(|i| d * (scales[i / 16] as f32 - 32.0) * (levels[i] as f32 - 4.0))
-            .collect();
+        let expected: Vec<f32> =
+            (0..QK_K).map(|i| d * (scales[i / 16] as f32 - 32.0) * (levels[i] as f32 - 4.0)).collect();
         let mut y = vec![0f32; QK_K];
         dequantize(&block, &mut y);
         assert_close(&y, &expected);

@@ -35,8 +35,7 @@ fn quantize_plain(src: &[f32], dst: &mut [u8]) {
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         write_f16(b, 0, d);
         write_f16(b, 2, min);
-        let q: [u8; BLOCK] =
-            std::array::from_fn(|j| (c_cast_to_byte((x[j] - min) * id + 0.5) as i8).min(15) as u8);
+        let q: [u8; BLOCK] = std::array::from_fn(|j| (c_cast_to_byte((x[j] - min) * id + 0.5) as i8).min(15) as u8);
         pack_nibbles(&q, &mut b[4..]);
     }
 }

@@ -5,10 +5,7 @@
 //! second. Scales and mins are packed as [`scale_min_k4`] reads them.
 
 use super::scale_search::{self, AffineGrid, ErrorMetric};
-use super::{
-    nearest_int, pack_scale_min_k4, positive_max, read_f16, requantize, scale_min_k4, write_f16,
-    QK_K,
-};
+use super::{nearest_int, pack_scale_min_k4, positive_max, read_f16, requantize, scale_min_k4, write_f16, QK_K};
 
 const BYTES: usize = 144;
 
@@ -31,18 +28,9 @@ pub fn dequantize(src: &[u8], dst: &mut [f32]) {
 
 /// Without importance: llama.cpp's `quantize_row_q4_K_ref`. With importance: `quantize_row_q4_K_impl`.
 pub fn quantize(src: &[f32], dst: &mut [u8], importance: Option<&[f32]>) {
-    const PLAIN_GRID: AffineGrid = AffineGrid {
-        rmin: -1.0,
-        rdelta: 0.1,
-        steps: 20,
-        metric: ErrorMetric::Squared,
-        saturate: false,
-    };
-    for (i, (x, b)) in src
-        .chunks_exact(QK_K)
-        .zip(dst.chunks_exact_mut(BYTES))
-        .enumerate()
-    {
+    const PLAIN_GRID: AffineGrid =
+        AffineGrid { rmin: -1.0, rdelta: 0.1, steps: 20, metric: ErrorMetric::Squared, saturate: false };
+    for (i, (x, b)) in src.chunks_exact(QK_K).zip(dst.chunks_exact_mut(BYTES)).enumerate() {
         let x: &[f32; QK_K] = x.try_into().expect("chunks of QK_K");
         let importance = importance.map(|imp| &imp[i * QK_K..][..QK_K]);
         let levels = encode_scales(x, importance, 15, &PLAIN_GRID, b);
@@ -89,20 +77,14 @@ pub(crate) fn encode_scales(
                     *w = rms + v.abs();
                 }
             }
-            let (scales, mins) =
-                scale_search::affine_on_grid::<8, 32>(x, &weights, nmax, &mut levels, plain_grid);
+            let (scales, mins) = scale_search::affine_on_grid::<8, 32>(x, &weights, nmax, &mut levels, plain_grid);
             let mins = mins.map(|m| -m);
             let (max_scale, max_min) = (positive_max(&scales), positive_max(&mins));
             let six_bits = |values: &[f32; 8], max: f32| -> [u8; 8] {
                 let inverse = if max > 0.0 { 63.0 / max } else { 0.0 };
                 std::array::from_fn(|j| (nearest_int(inverse * values[j]) as u8).min(63))
             };
-            (
-                six_bits(&scales, max_scale),
-                six_bits(&mins, max_min),
-                max_scale / 63.0,
-                max_min / 63.0,
-            )
+            (six_bits(&scales, max_scale), six_bits(&mins, max_min), max_scale / 63.0, max_min / 63.0)
         }
         Some(importance) => {
             let sigma2 = 2.0 * scale_search::sum_of_squares(x) / QK_K as f32;
@@ -165,9 +147,8 @@ mod tests {
         }
 
         let (d, dmin) = (f16::from_f32(d).to_f32(), f16::from_f32(dmin).to_f32());
-        let expected: Vec<f32> = (0..QK_K)
-            .map(|i| d * sc[i / 32] as f32 * levels[i] as f32 - dmin * m[i / 32] as f32)
-            .collect();
+        let expected: Vec<f32> =
+            (0..QK_K).map(|i| d * sc[i / 32] as f32 * levels[i] as f32 - dmin * m[i / 32] as f32).collect();
         let mut y = vec![0f32; QK_K];
         dequantize(&block, &mut y);
         assert_close(&y, &expected);

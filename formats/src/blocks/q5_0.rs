@@ -33,8 +33,7 @@ fn quantize_plain(src: &[f32], dst: &mut [u8]) {
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         write_f16(b, 0, d);
         // Truncation after +16.5 is llama.cpp's rounding; only x = −max can reach 32, hence the clamp.
-        let q: [u8; BLOCK] =
-            std::array::from_fn(|j| (c_cast_to_byte(x[j] * id + 16.5) as i8).min(31) as u8);
+        let q: [u8; BLOCK] = std::array::from_fn(|j| (c_cast_to_byte(x[j] * id + 16.5) as i8).min(31) as u8);
         let (qh, qs) = b[2..].split_at_mut(4);
         pack_q5(&q, qh, qs);
     }
@@ -95,10 +94,7 @@ mod tests {
         for (xb, yb) in x.chunks(BLOCK).zip(y.chunks(BLOCK)) {
             let step = xb.iter().fold(0f32, |m, v| m.max(v.abs())) / 16.0;
             for (a, b) in xb.iter().zip(yb) {
-                assert!(
-                    (a - b).abs() <= 2.5 * step + 1e-30,
-                    "{a} -> {b}, step {step}"
-                );
+                assert!((a - b).abs() <= 2.5 * step + 1e-30, "{a} -> {b}, step {step}");
             }
         }
     }

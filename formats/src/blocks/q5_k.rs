@@ -32,18 +32,9 @@ pub fn dequantize(src: &[u8], dst: &mut [f32]) {
 /// Without importance: llama.cpp's `quantize_row_q5_K_ref`. With importance: `quantize_row_q5_K_impl`.
 /// Both share Q4_K's scale search ([`encode_scales`]) with 32 levels instead of 16.
 pub fn quantize(src: &[f32], dst: &mut [u8], importance: Option<&[f32]>) {
-    const PLAIN_GRID: AffineGrid = AffineGrid {
-        rmin: -0.5,
-        rdelta: 0.1,
-        steps: 15,
-        metric: ErrorMetric::Squared,
-        saturate: false,
-    };
-    for (i, (x, b)) in src
-        .chunks_exact(QK_K)
-        .zip(dst.chunks_exact_mut(BYTES))
-        .enumerate()
-    {
+    const PLAIN_GRID: AffineGrid =
+        AffineGrid { rmin: -0.5, rdelta: 0.1, steps: 15, metric: ErrorMetric::Squared, saturate: false };
+    for (i, (x, b)) in src.chunks_exact(QK_K).zip(dst.chunks_exact_mut(BYTES)).enumerate() {
         let x: &[f32; QK_K] = x.try_into().expect("chunks of QK_K");
         let importance = importance.map(|imp| &imp[i * QK_K..][..QK_K]);
         let levels = encode_scales(x, importance, 31, &PLAIN_GRID, b);
@@ -101,9 +92,8 @@ mod tests {
         }
 
         let (d, dmin) = (f16::from_f32(d).to_f32(), f16::from_f32(dmin).to_f32());
-        let expected: Vec<f32> = (0..QK_K)
-            .map(|i| d * sc[i / 32] as f32 * levels[i] as f32 - dmin * m[i / 32] as f32)
-            .collect();
+        let expected: Vec<f32> =
+            (0..QK_K).map(|i| d * sc[i / 32] as f32 * levels[i] as f32 - dmin * m[i / 32] as f32).collect();
         let mut y = vec![0f32; QK_K];
         dequantize(&block, &mut y);
         assert_close(&y, &expected);

@@ -33,11 +33,7 @@ pub fn dequantize(src: &[u8], dst: &mut [f32]) {
 /// llama.cpp's `quantize_row_q6_K_ref` without importance and `quantize_row_q6_K_impl` with it: they
 /// differ only in the weights of each sub-block's fit (`x²`, or the importance values as given).
 pub fn quantize(src: &[f32], dst: &mut [u8], importance: Option<&[f32]>) {
-    for (i, (x, b)) in src
-        .chunks_exact(QK_K)
-        .zip(dst.chunks_exact_mut(BYTES))
-        .enumerate()
-    {
+    for (i, (x, b)) in src.chunks_exact(QK_K).zip(dst.chunks_exact_mut(BYTES)).enumerate() {
         let mut levels = [0u8; QK_K];
         let mut scales = [0f32; 16];
         let mut squares = [0f32; 16];
@@ -62,11 +58,7 @@ pub fn quantize(src: &[f32], dst: &mut [u8], importance: Option<&[f32]>) {
         write_f16(b, 208, 1.0 / iscale);
         let stored = scales.map(|s| nearest_int(iscale * s).min(127) as i8);
         let d = read_f16(b, 208);
-        for ((xs, out), &sc) in x
-            .chunks_exact(16)
-            .zip(levels.chunks_exact_mut(16))
-            .zip(&stored)
-        {
+        for ((xs, out), &sc) in x.chunks_exact(16).zip(levels.chunks_exact_mut(16)).zip(&stored) {
             let dl = d * sc as f32;
             if dl != 0.0 {
                 requantize(xs, dl, 0.0, (-32, 31), out);
@@ -121,9 +113,7 @@ mod tests {
         block[208..].copy_from_slice(&f16::from_f32(d).to_le_bytes());
 
         let d = f16::from_f32(d).to_f32();
-        let expected: Vec<f32> = (0..QK_K)
-            .map(|i| d * scales[i / 16] as f32 * (levels[i] as f32 - 32.0))
-            .collect();
+        let expected: Vec<f32> = (0..QK_K).map(|i| d * scales[i / 16] as f32 * (levels[i] as f32 - 32.0)).collect();
         let mut y = vec![0f32; QK_K];
         dequantize(&block, &mut y);
         assert_close(&y, &expected);

@@ -27,11 +27,7 @@ mod tests {
         for (b, &q) in block[4..].iter_mut().zip(&qs) {
             *b = q as u8;
         }
-        for (j, sum) in qs
-            .chunks(16)
-            .map(|c| c.iter().map(|&q| q as i16).sum::<i16>())
-            .enumerate()
-        {
+        for (j, sum) in qs.chunks(16).map(|c| c.iter().map(|&q| q as i16).sum::<i16>()).enumerate() {
             block[260 + 2 * j..][..2].copy_from_slice(&sum.to_le_bytes());
         }
         let mut y = vec![0f32; QK_K];

@@ -116,11 +116,7 @@ pub(crate) fn symmetric_refined(x: &[f32], nmax: i32, levels: &mut [u8]) -> f32 
         sumlx += w * v * *l as f32;
         suml2 += w * *l as f32 * *l as f32;
     }
-    let rule = Refinement {
-        range: (-nmax, nmax - 1),
-        guard: Guard::AfterUpdate,
-        wrap: |l| l,
-    };
+    let rule = Refinement { range: (-nmax, nmax - 1), guard: Guard::AfterUpdate, wrap: |l| l };
     let (sumlx, suml2) = refine_levels(x, weights, signed, (sumlx, suml2), &rule);
     for (out, &l) in levels.iter_mut().zip(signed.iter()) {
         *out = (l + nmax) as u8;
@@ -175,11 +171,7 @@ pub(crate) fn positive(x: &[f32], weights: &[f32], nmax: i32, levels: &mut [u8])
         sumlx += w * v * l as f32;
         suml2 += w * l as f32 * l as f32;
     }
-    let rule = Refinement {
-        range: (i32::MIN, nmax),
-        guard: Guard::BeforeUpdate,
-        wrap,
-    };
+    let rule = Refinement { range: (i32::MIN, nmax), guard: Guard::BeforeUpdate, wrap };
     let (sumlx, suml2) = refine_levels(x, weights, stored, (sumlx, suml2), &rule);
     for (out, &l) in levels.iter_mut().zip(stored.iter()) {
         *out = l as u8;
@@ -283,13 +275,8 @@ pub(crate) struct AffineGrid {
 }
 
 /// The grid llama.cpp uses whenever an importance matrix is given (`make_qkx3_quants`' callers).
-pub(crate) const IMPORTANCE_GRID: AffineGrid = AffineGrid {
-    rmin: -0.9,
-    rdelta: 0.05,
-    steps: 36,
-    metric: ErrorMetric::Squared,
-    saturate: true,
-};
+pub(crate) const IMPORTANCE_GRID: AffineGrid =
+    AffineGrid { rmin: -0.9, rdelta: 0.05, steps: 36, metric: ErrorMetric::Squared, saturate: true };
 
 /// Affine levels on [`IMPORTANCE_GRID`]; see [`affine_on_grid`].
 #[inline]

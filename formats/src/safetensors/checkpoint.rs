@@ -75,10 +75,7 @@ impl TensorRef<'_> {
         } else {
             Err(Error::unsupported(
                 self.path,
-                format!(
-                    "tensor '{}' is {}, which has no f32 value",
-                    self.name, self.dtype
-                ),
+                format!("tensor '{}' is {}, which has no f32 value", self.name, self.dtype),
             ))
         }
     }
@@ -97,10 +94,7 @@ impl Checkpoint {
             } else if index.is_file() {
                 Self::open_index(&index)
             } else {
-                Err(Error::invalid(
-                    path,
-                    format!("directory holds neither {SINGLE_FILE_NAME} nor {INDEX_FILE_NAME}"),
-                ))
+                Err(Error::invalid(path, format!("directory holds neither {SINGLE_FILE_NAME} nor {INDEX_FILE_NAME}")))
             }
         } else if path.extension().is_some_and(|e| e == "json") {
             Self::open_index(path)
@@ -116,13 +110,9 @@ impl Checkpoint {
     fn open_index(path: &Path) -> Result<Checkpoint> {
         let index = Index::read(path)?;
         let shards = index.shards()?;
-        let opened = shards
-            .iter()
-            .map(|(_, path)| reader::open(path))
-            .collect::<Result<Vec<_>>>()?;
+        let opened = shards.iter().map(|(_, path)| reader::open(path)).collect::<Result<Vec<_>>>()?;
         let checkpoint = Self::from_files(opened)?;
-        index
-            .check_against(|tensor| checkpoint.tensors.get(tensor).map(|loc| shards[loc.file].0))?;
+        index.check_against(|tensor| checkpoint.tensors.get(tensor).map(|loc| shards[loc.file].0))?;
         Ok(checkpoint)
     }
 
@@ -142,21 +132,13 @@ impl Checkpoint {
                         format!("tensor '{}' is also in {earlier_path}", entry.name),
                     ));
                 }
-                let location = Location {
-                    file: file_index,
-                    dtype: entry.dtype,
-                    shape: entry.shape,
-                    range: entry.range,
-                };
+                let location =
+                    Location { file: file_index, dtype: entry.dtype, shape: entry.shape, range: entry.range };
                 tensors.insert(entry.name, location);
             }
             files.push(file);
         }
-        Ok(Checkpoint {
-            files,
-            tensors,
-            metadata,
-        })
+        Ok(Checkpoint { files, tensors, metadata })
     }
 
     /// Sorted.
@@ -165,16 +147,12 @@ impl Checkpoint {
     }
 
     pub fn tensor(&self, name: &str) -> Option<TensorRef<'_>> {
-        self.tensors
-            .get_key_value(name)
-            .map(|(name, loc)| self.tensor_ref(name, loc))
+        self.tensors.get_key_value(name).map(|(name, loc)| self.tensor_ref(name, loc))
     }
 
     /// Sorted by name.
     pub fn tensors(&self) -> impl Iterator<Item = TensorRef<'_>> {
-        self.tensors
-            .iter()
-            .map(|(name, loc)| self.tensor_ref(name, loc))
+        self.tensors.iter().map(|(name, loc)| self.tensor_ref(name, loc))
     }
 
     /// The `__metadata__` of the first file (by name, for a sharded checkpoint).
@@ -184,10 +162,7 @@ impl Checkpoint {
 
     /// Sum of all tensors' data bytes.
     pub fn total_bytes(&self) -> u64 {
-        self.tensors
-            .values()
-            .map(|loc| loc.range.len() as u64)
-            .sum()
+        self.tensors.values().map(|loc| loc.range.len() as u64).sum()
     }
 
     /// Tells the OS the tensor's pages are not needed any more, so streaming through a checkpoint larger
@@ -213,12 +188,6 @@ impl Checkpoint {
 
     fn tensor_ref<'a>(&'a self, name: &'a str, loc: &'a Location) -> TensorRef<'a> {
         let file = &self.files[loc.file];
-        TensorRef {
-            name,
-            dtype: loc.dtype,
-            shape: &loc.shape,
-            data: &file.map[loc.range.clone()],
-            path: &file.path,
-        }
+        TensorRef { name, dtype: loc.dtype, shape: &loc.shape, data: &file.map[loc.range.clone()], path: &file.path }
     }
 }

@@ -3,7 +3,6 @@
 //! Decoding works on raw little-endian bytes, never on a cast `&[f32]`/`&[u16]`: a tensor's data inside
 //! a memory map carries no alignment promise.
 
-
 use crate::blocks::float;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -111,8 +110,7 @@ mod tests {
     fn names_round_trip_and_match_the_safetensors_crate() {
         for d in Dtype::ALL {
             assert_eq!(Dtype::from_name(d.name()), Some(d));
-            let theirs: safetensors::Dtype =
-                serde_json::from_value(serde_json::json!(d.name())).unwrap();
+            let theirs: safetensors::Dtype = serde_json::from_value(serde_json::json!(d.name())).unwrap();
             assert_eq!(theirs.bitsize(), 8 * d.size(), "{d}");
         }
         assert_eq!(Dtype::from_name("F8_E4M3"), None);
@@ -124,66 +122,15 @@ mod tests {
         let values = [0.0f64, 1.0, -2.0, 7.0, 100.0, -128.0];
         let expected: Vec<f32> = values.iter().map(|&v| v as f32).collect();
         let encodings: [(Dtype, Vec<u8>); 9] = [
-            (
-                Dtype::F64,
-                values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            ),
-            (
-                Dtype::F32,
-                values
-                    .iter()
-                    .flat_map(|&v| (v as f32).to_le_bytes())
-                    .collect(),
-            ),
-            (
-                Dtype::F16,
-                values
-                    .iter()
-                    .flat_map(|&v| f16::from_f64(v).to_le_bytes())
-                    .collect(),
-            ),
-            (
-                Dtype::BF16,
-                values
-                    .iter()
-                    .flat_map(|&v| bf16::from_f64(v).to_le_bytes())
-                    .collect(),
-            ),
-            (
-                Dtype::I64,
-                values
-                    .iter()
-                    .flat_map(|&v| (v as i64).to_le_bytes())
-                    .collect(),
-            ),
-            (
-                Dtype::I32,
-                values
-                    .iter()
-                    .flat_map(|&v| (v as i32).to_le_bytes())
-                    .collect(),
-            ),
-            (
-                Dtype::I16,
-                values
-                    .iter()
-                    .flat_map(|&v| (v as i16).to_le_bytes())
-                    .collect(),
-            ),
-            (
-                Dtype::I8,
-                values
-                    .iter()
-                    .flat_map(|&v| (v as i8).to_le_bytes())
-                    .collect(),
-            ),
-            (
-                Dtype::U8,
-                values
-                    .iter()
-                    .map(|&v| (v as i64).rem_euclid(256) as u8)
-                    .collect(),
-            ),
+            (Dtype::F64, values.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            (Dtype::F32, values.iter().flat_map(|&v| (v as f32).to_le_bytes()).collect()),
+            (Dtype::F16, values.iter().flat_map(|&v| f16::from_f64(v).to_le_bytes()).collect()),
+            (Dtype::BF16, values.iter().flat_map(|&v| bf16::from_f64(v).to_le_bytes()).collect()),
+            (Dtype::I64, values.iter().flat_map(|&v| (v as i64).to_le_bytes()).collect()),
+            (Dtype::I32, values.iter().flat_map(|&v| (v as i32).to_le_bytes()).collect()),
+            (Dtype::I16, values.iter().flat_map(|&v| (v as i16).to_le_bytes()).collect()),
+            (Dtype::I8, values.iter().flat_map(|&v| (v as i8).to_le_bytes()).collect()),
+            (Dtype::U8, values.iter().map(|&v| (v as i64).rem_euclid(256) as u8).collect()),
         ];
         for (dtype, bytes) in encodings {
             let mut out = vec![f32::NAN; values.len()];
@@ -207,10 +154,7 @@ mod tests {
         decode_to_f32(Dtype::F16, src, &mut out);
         for (bits, got) in (0..=u16::MAX).zip(&out) {
             let want = f16::from_bits(bits).to_f32();
-            assert!(
-                want.to_bits() == got.to_bits() || (want.is_nan() && got.is_nan()),
-                "{bits:#06x}"
-            );
+            assert!(want.to_bits() == got.to_bits() || (want.is_nan() && got.is_nan()), "{bits:#06x}");
         }
     }
 }

@@ -63,22 +63,13 @@ pub(super) fn open(path: &Path) -> Result<(MappedFile, Header)> {
     // them, so it never does this to its own inputs).
     let map = unsafe { Mmap::map(&file) }.at(path)?;
     let header = parse_header(path, &map)?;
-    Ok((
-        MappedFile {
-            path: path.to_path_buf(),
-            map,
-        },
-        header,
-    ))
+    Ok((MappedFile { path: path.to_path_buf(), map }, header))
 }
 
 fn parse_header(path: &Path, bytes: &[u8]) -> Result<Header> {
     let invalid = |msg: String| Error::invalid(path, msg);
     if bytes.len() < LENGTH_PREFIX_BYTES {
-        return Err(invalid(format!(
-            "truncated: {} bytes, too short for the 8-byte header length",
-            bytes.len()
-        )));
+        return Err(invalid(format!("truncated: {} bytes, too short for the 8-byte header length", bytes.len())));
     }
     let (prefix, rest) = bytes.split_at(LENGTH_PREFIX_BYTES);
     let header_len = u64::from_le_bytes(prefix.try_into().expect("split at 8"));
@@ -94,14 +85,10 @@ fn parse_header(path: &Path, bytes: &[u8]) -> Result<Header> {
         )));
     }
     let (json, data) = rest.split_at(header_len as usize);
-    let text = std::str::from_utf8(json).map_err(|e| {
-        invalid(format!(
-            "header is not valid UTF-8 (byte {})",
-            e.valid_up_to()
-        ))
-    })?;
-    let raw: BTreeMap<String, serde_json::Value> = serde_json::from_str(text)
-        .map_err(|e| invalid(format!("header is not a valid JSON object: {e}")))?;
+    let text = std::str::from_utf8(json)
+        .map_err(|e| invalid(format!("header is not valid UTF-8 (byte {})", e.valid_up_to())))?;
+    let raw: BTreeMap<String, serde_json::Value> =
+        serde_json::from_str(text).map_err(|e| invalid(format!("header is not a valid JSON object: {e}")))?;
 
     let data_start = LENGTH_PREFIX_BYTES + json.len();
     let mut metadata = None;
@@ -118,12 +105,7 @@ fn parse_header(path: &Path, bytes: &[u8]) -> Result<Header> {
         let range = check_entry(&name, &entry, data.len()).map_err(|e| e.at_path(path))?;
         let dtype = Dtype::from_name(&entry.dtype).expect("checked by check_entry");
         let range = data_start + range.start..data_start + range.end;
-        tensors.push(TensorEntry {
-            name,
-            dtype,
-            shape: entry.shape,
-            range,
-        });
+        tensors.push(TensorEntry { name, dtype, shape: entry.shape, range });
     }
     tensors.sort_by_key(|t| (t.range.start, t.range.end));
     check_tiling(&tensors, data_start, bytes.len()).map_err(invalid)?;
@@ -160,15 +142,9 @@ fn check_entry(name: &str, entry: &RawEntry, data_len: usize) -> Result<Range<us
             "tensor '{name}': data offsets [{begin}, {end}) lie outside the data section of {data_len} bytes"
         )));
     }
-    let expected = entry
-        .shape
-        .iter()
-        .try_fold(dtype.size() as u64, |acc, &d| acc.checked_mul(d as u64))
-        .ok_or_else(|| {
-            EntryError::Invalid(format!(
-                "tensor '{name}': shape {:?} of {dtype} overflows",
-                entry.shape
-            ))
+    let expected =
+        entry.shape.iter().try_fold(dtype.size() as u64, |acc, &d| acc.checked_mul(d as u64)).ok_or_else(|| {
+            EntryError::Invalid(format!("tensor '{name}': shape {:?} of {dtype} overflows", entry.shape))
         })?;
     if expected != end - begin {
         return Err(EntryError::Invalid(format!(
@@ -199,9 +175,7 @@ fn check_tiling(tensors: &[TensorEntry], data_start: usize, file_len: usize) -> 
             ));
         }
         if t.range.start > covered_to {
-            let after = previous.map_or("the start of the data section".to_string(), |p| {
-                format!("'{}'", p.name)
-            });
+            let after = previous.map_or("the start of the data section".to_string(), |p| format!("'{}'", p.name));
             return Err(format!(
                 "{} unused bytes between {after} and '{}' (data offsets [{}, {}); the format has no gaps)",
                 t.range.start - covered_to,
@@ -279,10 +253,7 @@ mod tests {
         let mut bytes = safetensors_bytes("{}", &[]);
         bytes[0] = 200;
         let msg = open_error(&bytes);
-        assert!(
-            msg.contains("header length 200 is larger than the 2 bytes"),
-            "{msg}"
-        );
+        assert!(msg.contains("header length 200 is larger than the 2 bytes"), "{msg}");
     }
 
     #[test]
@@ -290,10 +261,7 @@ mod tests {
         let mut bytes = (1u64 << 63).to_le_bytes().to_vec();
         bytes.extend_from_slice(b"{}");
         let msg = open_error(&bytes);
-        assert!(
-            msg.contains(&format!("header length {}", 1u64 << 63)) && msg.contains("limit"),
-            "{msg}"
-        );
+        assert!(msg.contains(&format!("header length {}", 1u64 << 63)) && msg.contains("limit"), "{msg}");
     }
 
     #[test]
@@ -320,16 +288,10 @@ mod tests {
         assert!(open_error(&bad_utf8).contains("not valid UTF-8 (byte 2)"));
         assert!(open_error(&safetensors_bytes("{\"a\":", &[])).contains("not a valid JSON object"));
         assert!(open_error(&safetensors_bytes("[1,2]", &[])).contains("not a valid JSON object"));
-        let msg = open_error(&safetensors_bytes(
-            r#"{"w":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}}"#,
-            &[0; 4],
-        ));
+        let msg = open_error(&safetensors_bytes(r#"{"w":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}}"#, &[0; 4]));
         assert!(msg.contains("tensor 'w': malformed header entry"), "{msg}");
         let msg = open_error(&safetensors_bytes(r#"{"__metadata__":{"n":1}}"#, &[]));
-        assert!(
-            msg.contains("__metadata__ must map strings to strings"),
-            "{msg}"
-        );
+        assert!(msg.contains("__metadata__ must map strings to strings"), "{msg}");
     }
 
     #[test]
@@ -339,10 +301,7 @@ mod tests {
         let err = open(&path).err().unwrap();
         assert!(matches!(err.kind, ErrorKind::Unsupported(_)));
         let msg = err.to_string();
-        assert!(
-            msg.contains("tensor 'w' has dtype 'F8_E4M3'") && msg.contains("BF16"),
-            "{msg}"
-        );
+        assert!(msg.contains("tensor 'w' has dtype 'F8_E4M3'") && msg.contains("BF16"), "{msg}");
     }
 
     #[test]
@@ -350,15 +309,10 @@ mod tests {
         let header = r#"{"w":{"dtype":"F32","shape":[2,3],"data_offsets":[0,20]}}"#;
         let msg = open_error(&safetensors_bytes(header, &[0; 20]));
         assert!(
-            msg.contains(
-                "tensor 'w': shape [2, 3] of F32 needs 24 bytes but data offsets [0, 20) span 20"
-            ),
+            msg.contains("tensor 'w': shape [2, 3] of F32 needs 24 bytes but data offsets [0, 20) span 20"),
             "{msg}"
         );
-        let header = format!(
-            r#"{{"w":{{"dtype":"F64","shape":[{},4],"data_offsets":[0,0]}}}}"#,
-            u64::MAX / 2
-        );
+        let header = format!(r#"{{"w":{{"dtype":"F64","shape":[{},4],"data_offsets":[0,0]}}}}"#, u64::MAX / 2);
         assert!(open_error(&safetensors_bytes(&header, &[])).contains("overflows"));
     }
 
@@ -366,19 +320,10 @@ mod tests {
     fn offsets_outside_the_data_section() {
         let header = r#"{"w":{"dtype":"U8","shape":[8],"data_offsets":[4,12]}}"#;
         let msg = open_error(&safetensors_bytes(header, &[0; 8]));
-        assert!(
-            msg.contains(
-                "tensor 'w': data offsets [4, 12) lie outside the data section of 8 bytes"
-            ),
-            "{msg}"
-        );
+        assert!(msg.contains("tensor 'w': data offsets [4, 12) lie outside the data section of 8 bytes"), "{msg}");
         let header = r#"{"w":{"dtype":"U8","shape":[0],"data_offsets":[5,4]}}"#;
         assert!(open_error(&safetensors_bytes(header, &[0; 8])).contains("[5, 4) lie outside"));
-        let header = format!(
-            r#"{{"w":{{"dtype":"U8","shape":[1],"data_offsets":[{},{}]}}}}"#,
-            u64::MAX - 1,
-            u64::MAX
-        );
+        let header = format!(r#"{{"w":{{"dtype":"U8","shape":[1],"data_offsets":[{},{}]}}}}"#, u64::MAX - 1, u64::MAX);
         assert!(open_error(&safetensors_bytes(&header, &[0; 8])).contains("lie outside"));
     }
 
@@ -386,10 +331,7 @@ mod tests {
     fn overlapping_ranges_name_both_tensors() {
         let header = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#;
         let msg = open_error(&safetensors_bytes(header, &[0; 12]));
-        assert!(
-            msg.contains("tensors 'a' [0, 8) and 'b' [4, 12) overlap"),
-            "{msg}"
-        );
+        assert!(msg.contains("tensors 'a' [0, 8) and 'b' [4, 12) overlap"), "{msg}");
         let header = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#;
         assert!(open_error(&safetensors_bytes(header, &[0; 8])).contains("overlap"));
     }
@@ -403,7 +345,6 @@ mod tests {
         assert!(open_error(&safetensors_bytes(header, &[0; 8]))
             .contains("4 unused bytes between the start of the data section and 'a'"));
         let header = r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#;
-        assert!(open_error(&safetensors_bytes(header, &[0; 7]))
-            .contains("3 unused bytes after the last tensor"));
+        assert!(open_error(&safetensors_bytes(header, &[0; 7])).contains("3 unused bytes after the last tensor"));
     }
 }

@@ -37,19 +37,12 @@ pub(super) struct Index {
 impl Index {
     pub fn read(path: &Path) -> Result<Index> {
         let text = std::fs::read_to_string(path).at(path)?;
-        let index: IndexFile = serde_json::from_str(&text).map_err(|e| {
-            Error::invalid(
-                path,
-                format!("not a safetensors index (JSON with a weight_map): {e}"),
-            )
-        })?;
+        let index: IndexFile = serde_json::from_str(&text)
+            .map_err(|e| Error::invalid(path, format!("not a safetensors index (JSON with a weight_map): {e}")))?;
         if index.weight_map.is_empty() {
             return Err(Error::invalid(path, "weight_map is empty"));
         }
-        Ok(Index {
-            path: path.to_path_buf(),
-            weight_map: index.weight_map,
-        })
+        Ok(Index { path: path.to_path_buf(), weight_map: index.weight_map })
     }
 
     /// The shards the weight map names, sorted by file name, as (name, path beside the index).
@@ -59,19 +52,15 @@ impl Index {
         names
             .into_iter()
             .map(|name| {
-                let inside = Path::new(name)
-                    .components()
-                    .all(|c| matches!(c, Component::Normal(_)));
+                let inside = Path::new(name).components().all(|c| matches!(c, Component::Normal(_)));
                 if !inside {
-                    return Err(self.error(format!(
-                        "weight_map names shard '{name}', which is outside the index's directory"
-                    )));
+                    return Err(
+                        self.error(format!("weight_map names shard '{name}', which is outside the index's directory"))
+                    );
                 }
                 let path = dir.join(name);
                 if !path.is_file() {
-                    return Err(self.error(format!(
-                        "weight_map names shard '{name}', which does not exist"
-                    )));
+                    return Err(self.error(format!("weight_map names shard '{name}', which does not exist")));
                 }
                 Ok((name, path))
             })
@@ -82,9 +71,9 @@ impl Index {
     pub fn check_against<'a>(&self, holder: impl Fn(&str) -> Option<&'a str>) -> Result<()> {
         for (tensor, shard) in &self.weight_map {
             if holder(tensor) != Some(shard.as_str()) {
-                return Err(self.error(format!(
-                    "weight_map puts tensor '{tensor}' in '{shard}', which does not contain it"
-                )));
+                return Err(
+                    self.error(format!("weight_map puts tensor '{tensor}' in '{shard}', which does not contain it"))
+                );
             }
         }
         Ok(())
@@ -103,17 +92,10 @@ mod tests {
     /// A valid three-shard checkpoint: tensors a, b, c, one per shard.
     fn sharded_checkpoint() -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
-        let plan = ["a", "b", "c"].map(|name| TensorPlan {
-            name: name.into(),
-            dtype: Dtype::U8,
-            shape: vec![4],
-        });
-        let mut writer =
-            Writer::create(dir.path(), plan.to_vec(), BTreeMap::new(), Some(4)).unwrap();
+        let plan = ["a", "b", "c"].map(|name| TensorPlan { name: name.into(), dtype: Dtype::U8, shape: vec![4] });
+        let mut writer = Writer::create(dir.path(), plan.to_vec(), BTreeMap::new(), Some(4)).unwrap();
         for name in ["a", "b", "c"] {
-            writer
-                .write_tensor(name, name.repeat(4).as_bytes())
-                .unwrap();
+            writer.write_tensor(name, name.repeat(4).as_bytes()).unwrap();
         }
         writer.finish().unwrap();
         dir
@@ -126,14 +108,8 @@ mod tests {
     /// Rewrites the index's weight map and returns the error opening the checkpoint gives.
     fn error_with_weight_map(dir: &Path, weight_map: serde_json::Value) -> String {
         let index = dir.join(INDEX_FILE_NAME);
-        std::fs::write(
-            &index,
-            serde_json::json!({"metadata": {}, "weight_map": weight_map}).to_string(),
-        )
-        .unwrap();
-        Checkpoint::open(dir)
-            .expect_err("expected an error")
-            .to_string()
+        std::fs::write(&index, serde_json::json!({"metadata": {}, "weight_map": weight_map}).to_string()).unwrap();
+        Checkpoint::open(dir).expect_err("expected an error").to_string()
     }
 
     #[test]
@@ -152,22 +128,11 @@ mod tests {
         let index = dir.path().join(INDEX_FILE_NAME);
         std::fs::write(&index, "{\"weight_map\": ").unwrap();
         let err = Checkpoint::open(&index).err().unwrap().to_string();
-        assert!(
-            err.starts_with(&format!("{}: not a safetensors index", index.display())),
-            "{err}"
-        );
+        assert!(err.starts_with(&format!("{}: not a safetensors index", index.display())), "{err}");
         std::fs::write(&index, "{\"metadata\": {}}").unwrap();
-        assert!(Checkpoint::open(&index)
-            .err()
-            .unwrap()
-            .to_string()
-            .contains("missing field `weight_map`"));
+        assert!(Checkpoint::open(&index).err().unwrap().to_string().contains("missing field `weight_map`"));
         std::fs::write(&index, "{\"weight_map\": {}}").unwrap();
-        assert!(Checkpoint::open(&index)
-            .err()
-            .unwrap()
-            .to_string()
-            .ends_with("weight_map is empty"));
+        assert!(Checkpoint::open(&index).err().unwrap().to_string().ends_with("weight_map is empty"));
     }
 
     #[test]
@@ -176,57 +141,34 @@ mod tests {
         std::fs::remove_file(dir.path().join(shard(2))).unwrap();
         let err = Checkpoint::open(dir.path()).err().unwrap().to_string();
         let index = dir.path().join(INDEX_FILE_NAME);
-        assert_eq!(
-            err,
-            format!(
-                "{}: weight_map names shard '{}', which does not exist",
-                index.display(),
-                shard(2)
-            )
-        );
+        assert_eq!(err, format!("{}: weight_map names shard '{}', which does not exist", index.display(), shard(2)));
     }
 
     #[test]
     fn a_shard_outside_the_directory_is_refused() {
         let dir = sharded_checkpoint();
-        let err = error_with_weight_map(
-            dir.path(),
-            serde_json::json!({"a": "../elsewhere.safetensors"}),
-        );
+        let err = error_with_weight_map(dir.path(), serde_json::json!({"a": "../elsewhere.safetensors"}));
         assert!(err.contains("outside the index's directory"), "{err}");
     }
 
     #[test]
     fn a_tensor_its_shard_lacks_is_named() {
         let dir = sharded_checkpoint();
-        let err = error_with_weight_map(
-            dir.path(),
-            serde_json::json!({"a": shard(1), "b": shard(3), "c": shard(3)}),
-        );
+        let err = error_with_weight_map(dir.path(), serde_json::json!({"a": shard(1), "b": shard(3), "c": shard(3)}));
         assert!(
-            err.ends_with(&format!(
-                "weight_map puts tensor 'b' in '{}', which does not contain it",
-                shard(3)
-            )),
+            err.ends_with(&format!("weight_map puts tensor 'b' in '{}', which does not contain it", shard(3))),
             "{err}"
         );
-        let err = error_with_weight_map(
-            dir.path(),
-            serde_json::json!({"a": shard(1), "ghost": shard(1)}),
-        );
+        let err = error_with_weight_map(dir.path(), serde_json::json!({"a": shard(1), "ghost": shard(1)}));
         assert!(err.contains("tensor 'ghost'"), "{err}");
     }
 
     /// Replaces shard `i` with one holding `tensors` (4-byte U8 each).
     fn replace_shard(dir: &Path, i: usize, tensors: &[(&str, &[u8; 4])]) {
-        let plan = tensors.iter().map(|(name, _)| TensorPlan {
-            name: name.to_string(),
-            dtype: Dtype::U8,
-            shape: vec![4],
-        });
+        let plan =
+            tensors.iter().map(|(name, _)| TensorPlan { name: name.to_string(), dtype: Dtype::U8, shape: vec![4] });
         let scratch = tempfile::tempdir().unwrap();
-        let mut writer =
-            Writer::create(scratch.path(), plan.collect(), BTreeMap::new(), None).unwrap();
+        let mut writer = Writer::create(scratch.path(), plan.collect(), BTreeMap::new(), None).unwrap();
         for (name, data) in tensors {
             writer.write_tensor(name, *data).unwrap();
         }

@@ -9,9 +9,7 @@ use super::*;
 
 /// Values every test tensor is made of; small integers so every dtype holds them exactly.
 fn values(n: usize, seed: usize) -> Vec<f64> {
-    (0..n)
-        .map(|i| ((i * 7 + seed * 13) % 23) as f64 - 11.0)
-        .collect()
+    (0..n).map(|i| ((i * 7 + seed * 13) % 23) as f64 - 11.0).collect()
 }
 
 fn encode(dtype: Dtype, values: &[f64]) -> Vec<u8> {
@@ -45,25 +43,12 @@ fn planned(specs: &[(&str, Dtype, &[usize])]) -> Vec<Planned> {
         .map(|(seed, &(name, dtype, shape))| {
             let values = values(shape.iter().product(), seed);
             let bytes = encode(dtype, &values);
-            Planned {
-                plan: TensorPlan {
-                    name: name.into(),
-                    dtype,
-                    shape: shape.to_vec(),
-                },
-                values,
-                bytes,
-            }
+            Planned { plan: TensorPlan { name: name.into(), dtype, shape: shape.to_vec() }, values, bytes }
         })
         .collect()
 }
 
-fn write_all(
-    dir: &Path,
-    tensors: &[Planned],
-    metadata: &BTreeMap<String, String>,
-    max: Option<u64>,
-) {
+fn write_all(dir: &Path, tensors: &[Planned], metadata: &BTreeMap<String, String>, max: Option<u64>) {
     let plan = tensors.iter().map(|t| t.plan.clone()).collect();
     let mut writer = Writer::create(dir, plan, metadata.clone(), max).unwrap();
     for t in tensors {
@@ -73,10 +58,8 @@ fn write_all(
 }
 
 fn file_names(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
+    let mut names: Vec<String> =
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     names.sort();
     names
 }
@@ -94,18 +77,14 @@ fn assert_holds_exactly(checkpoint: &Checkpoint, tensors: &[Planned]) {
     assert_eq!(listed, expected);
     for t in tensors {
         let got = checkpoint.tensor(&t.plan.name).unwrap();
-        assert_eq!(
-            (got.dtype, got.shape),
-            (t.plan.dtype, t.plan.shape.as_slice()),
-            "{}",
-            t.plan.name
-        );
+        assert_eq!((got.dtype, got.shape), (t.plan.dtype, t.plan.shape.as_slice()), "{}", t.plan.name);
         assert_eq!(got.data, t.bytes.as_slice(), "{}", t.plan.name);
         assert_eq!(got.n_elements(), t.values.len());
         if t.plan.dtype == Dtype::Bool {
             assert!(got.to_f32().is_err());
         } else {
-            let want: Vec<f32> = t.values.iter().map(|&v| if t.plan.dtype == Dtype::U8 { v.abs() } else { v } as f32).collect();
+            let want: Vec<f32> =
+                t.values.iter().map(|&v| if t.plan.dtype == Dtype::U8 { v.abs() } else { v } as f32).collect();
             assert_eq!(got.to_f32().unwrap(), want, "{}", t.plan.name);
         }
     }
@@ -119,10 +98,7 @@ fn assert_official_reader_agrees(path: &Path, checkpoint: &Checkpoint) {
     let theirs = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     assert!(!theirs.is_empty());
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
-    let their_metadata = header
-        .metadata()
-        .clone()
-        .map(|m| m.into_iter().collect::<BTreeMap<_, _>>());
+    let their_metadata = header.metadata().clone().map(|m| m.into_iter().collect::<BTreeMap<_, _>>());
     assert_eq!(their_metadata.as_ref(), checkpoint.metadata());
     for (name, view) in theirs.tensors() {
         let ours = checkpoint.tensor(&name).unwrap();
@@ -158,10 +134,7 @@ fn single_file_round_trip_with_every_dtype() {
     assert_eq!(file_names(dir.path()), [SINGLE_FILE_NAME]);
 
     let file = dir.path().join(SINGLE_FILE_NAME);
-    for opened in [
-        Checkpoint::open(dir.path()).unwrap(),
-        Checkpoint::open(&file).unwrap(),
-    ] {
+    for opened in [Checkpoint::open(dir.path()).unwrap(), Checkpoint::open(&file).unwrap()] {
         assert_holds_exactly(&opened, &tensors);
         assert_eq!(opened.metadata(), Some(&metadata()));
         assert_official_reader_agrees(&file, &opened);
@@ -194,31 +167,18 @@ fn sharded_round_trip_splits_greedily_in_plan_order() {
     let tensors = planned(specs);
     write_all(dir.path(), &tensors, &metadata(), Some(1000));
     let shard = |i| format!("model-0000{i}-of-00003.safetensors");
-    assert_eq!(
-        file_names(dir.path()),
-        [shard(1), shard(2), shard(3), INDEX_FILE_NAME.to_string()]
-    );
+    assert_eq!(file_names(dir.path()), [shard(1), shard(2), shard(3), INDEX_FILE_NAME.to_string()]);
 
     let index: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join(INDEX_FILE_NAME)).unwrap())
-            .unwrap();
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join(INDEX_FILE_NAME)).unwrap()).unwrap();
     let shard_of = [1, 1, 1, 2, 2, 3];
-    let weight_map: serde_json::Map<String, serde_json::Value> = specs
-        .iter()
-        .zip(shard_of)
-        .map(|(s, i)| (s.0.to_string(), shard(i).into()))
-        .collect();
+    let weight_map: serde_json::Map<String, serde_json::Value> =
+        specs.iter().zip(shard_of).map(|(s, i)| (s.0.to_string(), shard(i).into())).collect();
     let total: usize = tensors.iter().map(|t| t.bytes.len()).sum();
-    assert_eq!(
-        index,
-        serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map})
-    );
+    assert_eq!(index, serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map}));
 
     let index_path = dir.path().join(INDEX_FILE_NAME);
-    for opened in [
-        Checkpoint::open(dir.path()).unwrap(),
-        Checkpoint::open(&index_path).unwrap(),
-    ] {
+    for opened in [Checkpoint::open(dir.path()).unwrap(), Checkpoint::open(&index_path).unwrap()] {
         assert_holds_exactly(&opened, &tensors);
         assert_eq!(opened.metadata(), Some(&metadata()));
         for i in 1..=3 {
@@ -234,31 +194,18 @@ fn sharded_round_trip_splits_greedily_in_plan_order() {
 fn misaligned_data_decodes_correctly() {
     let dir = tempfile::tempdir().unwrap();
     // Three bytes first: the F32 and F16 data that follow start at odd addresses.
-    let tensors = planned(&[
-        ("a", Dtype::U8, &[3]),
-        ("b", Dtype::F32, &[64]),
-        ("c", Dtype::F16, &[3000]),
-    ]);
+    let tensors = planned(&[("a", Dtype::U8, &[3]), ("b", Dtype::F32, &[64]), ("c", Dtype::F16, &[3000])]);
     write_all(dir.path(), &tensors, &BTreeMap::new(), None);
     let checkpoint = Checkpoint::open(dir.path()).unwrap();
-    assert_ne!(
-        checkpoint.tensor("b").unwrap().data.as_ptr() as usize % 4,
-        0
-    );
-    assert_ne!(
-        checkpoint.tensor("c").unwrap().data.as_ptr() as usize % 2,
-        0
-    );
+    assert_ne!(checkpoint.tensor("b").unwrap().data.as_ptr() as usize % 4, 0);
+    assert_ne!(checkpoint.tensor("c").unwrap().data.as_ptr() as usize % 2, 0);
     assert_holds_exactly(&checkpoint, &tensors);
 }
 
 #[test]
 fn released_tensors_stay_readable() {
     let dir = tempfile::tempdir().unwrap();
-    let tensors = planned(&[
-        ("big", Dtype::F32, &[64, 1024]),
-        ("small", Dtype::F16, &[5]),
-    ]);
+    let tensors = planned(&[("big", Dtype::F32, &[64, 1024]), ("small", Dtype::F16, &[5])]);
     write_all(dir.path(), &tensors, &BTreeMap::new(), None);
     let checkpoint = Checkpoint::open(dir.path()).unwrap();
     let before = checkpoint.tensor("big").unwrap().to_f32().unwrap();
@@ -272,33 +219,19 @@ fn released_tensors_stay_readable() {
 #[test]
 fn to_f32_into_checks_the_output_length() {
     let dir = tempfile::tempdir().unwrap();
-    write_all(
-        dir.path(),
-        &planned(&[("w", Dtype::BF16, &[4])]),
-        &BTreeMap::new(),
-        None,
-    );
+    write_all(dir.path(), &planned(&[("w", Dtype::BF16, &[4])]), &BTreeMap::new(), None);
     let checkpoint = Checkpoint::open(dir.path()).unwrap();
     let w = checkpoint.tensor("w").unwrap();
     let err = w.to_f32_into(&mut [0.0; 3]).unwrap_err().to_string();
-    assert!(
-        err.contains("tensor 'w' has 4 elements but the output buffer holds 3"),
-        "{err}"
-    );
-    assert!(
-        err.starts_with(&dir.path().join(SINGLE_FILE_NAME).display().to_string()),
-        "{err}"
-    );
+    assert!(err.contains("tensor 'w' has 4 elements but the output buffer holds 3"), "{err}");
+    assert!(err.starts_with(&dir.path().join(SINGLE_FILE_NAME).display().to_string()), "{err}");
 }
 
 #[test]
 fn a_directory_without_a_checkpoint_is_an_error_naming_it() {
     let dir = tempfile::tempdir().unwrap();
     let err = Checkpoint::open(dir.path()).err().unwrap().to_string();
-    assert!(
-        err.starts_with(&dir.path().display().to_string()) && err.contains("neither"),
-        "{err}"
-    );
+    assert!(err.starts_with(&dir.path().display().to_string()) && err.contains("neither"), "{err}");
     let missing = dir.path().join("nope.safetensors");
     let err = Checkpoint::open(&missing).err().unwrap().to_string();
     assert!(err.starts_with(&missing.display().to_string()), "{err}");

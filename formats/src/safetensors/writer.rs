@@ -73,14 +73,9 @@ impl Writer {
                 } else {
                     format!("model-{:05}-of-{count:05}.safetensors", i + 1)
                 };
-                let header =
-                    encode_header(&plan[tensors.clone()], &sizes[tensors.clone()], &metadata)
-                        .map_err(|msg| Error::invalid(dir.join(&file_name), msg))?;
-                Ok(Shard {
-                    file_name,
-                    tensors,
-                    header,
-                })
+                let header = encode_header(&plan[tensors.clone()], &sizes[tensors.clone()], &metadata)
+                    .map_err(|msg| Error::invalid(dir.join(&file_name), msg))?;
+                Ok(Shard { file_name, tensors, header })
             })
             .collect::<Result<Vec<_>>>()?;
         std::fs::create_dir_all(&dir).at(&dir)?;
@@ -102,10 +97,7 @@ impl Writer {
     /// Writes the next tensor of the plan: `name` must be that tensor and `data` exactly its bytes.
     pub fn write_tensor(&mut self, name: &str, data: &[u8]) -> Result<()> {
         if self.failed {
-            return Err(Error::invalid(
-                &self.dir,
-                "an earlier write failed; the output was discarded",
-            ));
+            return Err(Error::invalid(&self.dir, "an earlier write failed; the output was discarded"));
         }
         let result = self.write_next(name, data);
         if result.is_err() {
@@ -119,28 +111,19 @@ impl Writer {
     fn write_next(&mut self, name: &str, data: &[u8]) -> Result<()> {
         let shard = self.shard_of(self.next);
         let Some(expected) = self.plan.get(self.next) else {
-            return Err(self.error(
-                shard,
-                format!("tensor '{name}' is not in the plan (all planned tensors are written)"),
-            ));
+            return Err(
+                self.error(shard, format!("tensor '{name}' is not in the plan (all planned tensors are written)"))
+            );
         };
         if expected.name != name {
-            return Err(self.error(
-                shard,
-                format!(
-                    "expected tensor '{}' next (plan order), got '{name}'",
-                    expected.name
-                ),
-            ));
+            return Err(
+                self.error(shard, format!("expected tensor '{}' next (plan order), got '{name}'", expected.name))
+            );
         }
         if data.len() as u64 != self.sizes[self.next] {
             return Err(self.error(
                 shard,
-                format!(
-                    "tensor '{name}' should be {} bytes, got {}",
-                    self.sizes[self.next],
-                    data.len()
-                ),
+                format!("tensor '{name}' should be {} bytes, got {}", self.sizes[self.next], data.len()),
             ));
         }
         if shard != self.current_shard {
@@ -148,10 +131,7 @@ impl Writer {
             self.written.extend(self.current.replace(next_shard));
             self.current_shard = shard;
         }
-        let file = self
-            .current
-            .as_mut()
-            .expect("a shard is open while writing");
+        let file = self.current.as_mut().expect("a shard is open while writing");
         let path = file.dest().to_path_buf();
         file.write_all(data).at(path)?;
         self.next += 1;
@@ -161,10 +141,7 @@ impl Writer {
     /// Commits every shard, then (when sharded) the index.
     pub fn finish(mut self) -> Result<()> {
         if self.failed {
-            return Err(Error::invalid(
-                &self.dir,
-                "an earlier write failed; the output was discarded",
-            ));
+            return Err(Error::invalid(&self.dir, "an earlier write failed; the output was discarded"));
         }
         if let Some(missing) = self.plan.get(self.next) {
             let msg = format!(
@@ -172,11 +149,7 @@ impl Writer {
                 self.plan.len() - self.next,
                 missing.name
             );
-            return Err(Error::invalid(
-                self.dir
-                    .join(&self.shards[self.shard_of(self.next)].file_name),
-                msg,
-            ));
+            return Err(Error::invalid(self.dir.join(&self.shards[self.shard_of(self.next)].file_name), msg));
         }
         self.written.extend(self.current.take());
         for file in std::mem::take(&mut self.written) {
@@ -193,18 +166,9 @@ impl Writer {
         let weight_map = self
             .shards
             .iter()
-            .flat_map(|s| {
-                self.plan[s.tensors.clone()]
-                    .iter()
-                    .map(|t| (t.name.as_str(), s.file_name.as_str()))
-            })
+            .flat_map(|s| self.plan[s.tensors.clone()].iter().map(|t| (t.name.as_str(), s.file_name.as_str())))
             .collect();
-        let index = IndexOut {
-            metadata: IndexMetadata {
-                total_size: self.sizes.iter().sum(),
-            },
-            weight_map,
-        };
+        let index = IndexOut { metadata: IndexMetadata { total_size: self.sizes.iter().sum() }, weight_map };
         let mut json = serde_json::to_string_pretty(&index).expect("an index serializes");
         json.push('\n');
         let mut file = AtomicFile::create(&path)?;
@@ -221,10 +185,7 @@ impl Writer {
 
     /// The shard holding plan entry `tensor`; the last shard once the plan is exhausted.
     fn shard_of(&self, tensor: usize) -> usize {
-        self.shards
-            .iter()
-            .position(|s| s.tensors.contains(&tensor))
-            .unwrap_or(self.shards.len() - 1)
+        self.shards.iter().position(|s| s.tensors.contains(&tensor)).unwrap_or(self.shards.len() - 1)
     }
 
     fn error(&self, shard: usize, msg: String) -> Error {
@@ -238,20 +199,12 @@ fn plan_sizes(dir: &Path, plan: &[TensorPlan]) -> Result<Vec<u64>> {
     plan.iter()
         .map(|t| {
             if t.name == "__metadata__" || !seen.insert(t.name.as_str()) {
-                return Err(Error::invalid(
-                    dir,
-                    format!("tensor name '{}' is reserved or planned twice", t.name),
-                ));
+                return Err(Error::invalid(dir, format!("tensor name '{}' is reserved or planned twice", t.name)));
             }
             t.shape
                 .iter()
                 .try_fold(t.dtype.size() as u64, |acc, &d| acc.checked_mul(d as u64))
-                .ok_or_else(|| {
-                    Error::invalid(
-                        dir,
-                        format!("tensor '{}': shape {:?} overflows", t.name, t.shape),
-                    )
-                })
+                .ok_or_else(|| Error::invalid(dir, format!("tensor '{}': shape {:?} overflows", t.name, t.shape)))
         })
         .collect()
 }
@@ -286,9 +239,7 @@ fn encode_header(
     }
     let mut offset = 0u64;
     for (t, &size) in tensors.iter().zip(sizes) {
-        let end = offset
-            .checked_add(size)
-            .ok_or("the planned tensors total more than 2^64 bytes")?;
+        let end = offset.checked_add(size).ok_or("the planned tensors total more than 2^64 bytes")?;
         let entry = serde_json::json!({"dtype": t.dtype.name(), "shape": t.shape, "data_offsets": [offset, end]});
         entries.insert(t.name.clone(), entry);
         offset = end;
@@ -296,10 +247,7 @@ fn encode_header(
     let mut json = serde_json::to_vec(&entries).expect("a header serializes");
     json.resize(json.len().next_multiple_of(LENGTH_PREFIX_BYTES), b' ');
     if json.len() as u64 > MAX_HEADER_BYTES {
-        return Err(format!(
-            "header of {} bytes exceeds the {MAX_HEADER_BYTES}-byte limit",
-            json.len()
-        ));
+        return Err(format!("header of {} bytes exceeds the {MAX_HEADER_BYTES}-byte limit", json.len()));
     }
     let mut header = (json.len() as u64).to_le_bytes().to_vec();
     header.extend_from_slice(&json);
@@ -310,9 +258,7 @@ fn encode_header(
 /// `1.5GB` or a plain byte count.
 pub fn parse_size(s: &str) -> Option<u64> {
     let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
     let (number, unit) = s.split_at(split);
     let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
@@ -340,11 +286,7 @@ mod tests {
     fn plan(specs: &[(&str, Dtype, &[usize])]) -> Vec<TensorPlan> {
         specs
             .iter()
-            .map(|&(name, dtype, shape)| TensorPlan {
-                name: name.into(),
-                dtype,
-                shape: shape.to_vec(),
-            })
+            .map(|&(name, dtype, shape)| TensorPlan { name: name.into(), dtype, shape: shape.to_vec() })
             .collect()
     }
 
@@ -359,15 +301,9 @@ mod tests {
         assert_eq!(assign_shards(&[], Some(10)), [0..0]);
         assert_eq!(assign_shards(&[4, 6, 1], Some(10)), [0..2, 2..3]);
         // A tensor larger than the limit sits alone; so does one after it that would overflow.
-        assert_eq!(
-            assign_shards(&[3, 50, 8, 2, 0], Some(10)),
-            [0..1, 1..2, 2..5]
-        );
+        assert_eq!(assign_shards(&[3, 50, 8, 2, 0], Some(10)), [0..1, 1..2, 2..5]);
         assert_eq!(assign_shards(&[50], Some(10)), [0..1]);
-        assert_eq!(
-            assign_shards(&[u64::MAX, u64::MAX], Some(u64::MAX)),
-            [0..1, 1..2]
-        );
+        assert_eq!(assign_shards(&[u64::MAX, u64::MAX], Some(u64::MAX)), [0..1, 1..2]);
     }
 
     #[test]
@@ -383,15 +319,7 @@ mod tests {
         assert_eq!(parse_size("1TB"), Some(1_000_000_000_000));
         assert_eq!(parse_size("123"), Some(123));
         assert_eq!(parse_size("123B"), Some(123));
-        for bad in [
-            "",
-            "GB",
-            "5XB",
-            "-1GB",
-            "1.2.3MB",
-            "5 G B",
-            "99999999999999999999TB",
-        ] {
+        for bad in ["", "GB", "5XB", "-1GB", "1.2.3MB", "5 G B", "99999999999999999999TB"] {
             assert_eq!(parse_size(bad), None, "{bad}");
         }
     }
@@ -399,16 +327,12 @@ mod tests {
     #[test]
     fn header_is_padded_to_eight_bytes_with_spaces() {
         for name in ["a", "ab", "abc", "abcdefgh"] {
-            let header =
-                encode_header(&plan(&[(name, Dtype::F32, &[1])]), &[4], &BTreeMap::new()).unwrap();
+            let header = encode_header(&plan(&[(name, Dtype::F32, &[1])]), &[4], &BTreeMap::new()).unwrap();
             let len = u64::from_le_bytes(header[..8].try_into().unwrap()) as usize;
             assert_eq!(header.len(), 8 + len);
             assert_eq!(len % 8, 0);
             let json = std::str::from_utf8(&header[8..]).unwrap();
-            assert!(
-                json.trim_end().ends_with('}') && json.len() - json.trim_end().len() < 8,
-                "{json:?}"
-            );
+            assert!(json.trim_end().ends_with('}') && json.len() - json.trim_end().len() < 8, "{json:?}");
         }
     }
 
@@ -424,10 +348,7 @@ mod tests {
         .unwrap();
         writer.write_tensor("a", &[1; 4]).unwrap();
         writer.write_tensor("b", &[2; 4]).unwrap();
-        assert!(
-            entries(dir.path()) > 0,
-            "temporary shards exist while writing"
-        );
+        assert!(entries(dir.path()) > 0, "temporary shards exist while writing");
         drop(writer);
         assert_eq!(entries(dir.path()), 0);
     }
@@ -440,16 +361,9 @@ mod tests {
         writer.write_tensor("a", &[0; 8]).unwrap();
         let err = writer.write_tensor("b", &[0; 7]).unwrap_err().to_string();
         let shard = dir.path().join("model-00002-of-00002.safetensors");
-        assert_eq!(
-            err,
-            format!("{}: tensor 'b' should be 8 bytes, got 7", shard.display())
-        );
+        assert_eq!(err, format!("{}: tensor 'b' should be 8 bytes, got 7", shard.display()));
         assert_eq!(entries(dir.path()), 0);
-        assert!(writer
-            .write_tensor("b", &[0; 8])
-            .unwrap_err()
-            .to_string()
-            .contains("earlier write failed"));
+        assert!(writer.write_tensor("b", &[0; 8]).unwrap_err().to_string().contains("earlier write failed"));
         assert!(writer.finish().is_err());
         assert_eq!(entries(dir.path()), 0);
     }
@@ -460,28 +374,17 @@ mod tests {
         let specs: &[(&str, Dtype, &[usize])] = &[("a", Dtype::U8, &[1]), ("b", Dtype::U8, &[1])];
         let mut writer = Writer::create(dir.path(), plan(specs), BTreeMap::new(), None).unwrap();
         let err = writer.write_tensor("b", &[0]).unwrap_err().to_string();
-        assert!(
-            err.contains("expected tensor 'a' next (plan order), got 'b'"),
-            "{err}"
-        );
+        assert!(err.contains("expected tensor 'a' next (plan order), got 'b'"), "{err}");
 
         let mut writer = Writer::create(dir.path(), plan(specs), BTreeMap::new(), None).unwrap();
         writer.write_tensor("a", &[0]).unwrap();
         let err = writer.finish().unwrap_err().to_string();
-        assert!(
-            err.contains("1 planned tensors were never written, starting with 'b'"),
-            "{err}"
-        );
+        assert!(err.contains("1 planned tensors were never written, starting with 'b'"), "{err}");
         assert_eq!(entries(dir.path()), 0);
 
-        let mut writer =
-            Writer::create(dir.path(), plan(&specs[..1]), BTreeMap::new(), None).unwrap();
+        let mut writer = Writer::create(dir.path(), plan(&specs[..1]), BTreeMap::new(), None).unwrap();
         writer.write_tensor("a", &[0]).unwrap();
-        assert!(writer
-            .write_tensor("a", &[0])
-            .unwrap_err()
-            .to_string()
-            .contains("not in the plan"));
+        assert!(writer.write_tensor("a", &[0]).unwrap_err().to_string().contains("not in the plan"));
     }
 
     #[test]
@@ -492,10 +395,7 @@ mod tests {
             &[("__metadata__", Dtype::U8, &[1][..])][..],
             &[("huge", Dtype::F64, &[usize::MAX, 2][..])][..],
         ] {
-            let err = Writer::create(dir.path(), plan(specs), BTreeMap::new(), None)
-                .err()
-                .unwrap()
-                .to_string();
+            let err = Writer::create(dir.path(), plan(specs), BTreeMap::new(), None).err().unwrap().to_string();
             assert!(err.starts_with(&dir.path().display().to_string()), "{err}");
         }
         assert_eq!(entries(dir.path()), 0);
@@ -504,17 +404,9 @@ mod tests {
     #[test]
     fn an_empty_plan_writes_a_valid_empty_file() {
         let dir = tempfile::tempdir().unwrap();
-        Writer::create(dir.path(), Vec::new(), BTreeMap::new(), Some(10))
-            .unwrap()
-            .finish()
-            .unwrap();
+        Writer::create(dir.path(), Vec::new(), BTreeMap::new(), Some(10)).unwrap().finish().unwrap();
         let bytes = std::fs::read(dir.path().join(SINGLE_FILE_NAME)).unwrap();
-        assert!(safetensors::SafeTensors::deserialize(&bytes)
-            .unwrap()
-            .is_empty());
-        assert!(super::super::Checkpoint::open(dir.path())
-            .unwrap()
-            .tensor_names()
-            .is_empty());
+        assert!(safetensors::SafeTensors::deserialize(&bytes).unwrap().is_empty());
+        assert!(super::super::Checkpoint::open(dir.path()).unwrap().tensor_names().is_empty());
     }
 }

@@ -3,17 +3,19 @@
 //! [`Linear`] is the one interface the forward pass multiplies through: `y = x · Wᵀ` for a batch of
 //! f32 activation rows. [`GgmlLinear`] implements it for every GGML type the type table can decode,
 //! borrowing the weight bytes from the mapped file, so no f32 copy of the model ever exists:
-//! - batches ([`gemm`]): blocks of weight rows are decoded into an f32 scratch buffer and multiplied
-//!   with faer's GEMM, so each weight is decoded once per batch;
-//! - one or a few tokens ([`gemv`]): small row chunks are decoded right before the dot products that
-//!   consume them, while they are still in cache.
+//! - batches ([`gemm`]): blocks of weight rows are decoded into an f32 scratch buffer, so each weight
+//!   is decoded once per batch, and multiplied by an AVX-512 register-tile kernel (faer's GEMM on
+//!   CPUs without AVX-512);
+//! - one to four tokens ([`gemv`]): the common block formats are decoded block by block into vector
+//!   registers and consumed there; other formats are decoded a few rows at a time right before the
+//!   dot products that consume them, while they are still in cache.
 //!
 //! Rows are decoded by [`decode`]'s fast decoders where it has one, else by the type table's.
 //!
 //! Activations stay f32 throughout: the runtime measures the weights, not kernel shortcuts.
 
 mod decode;
-mod gemm;
+pub(crate) mod gemm;
 mod gemv;
 #[cfg(test)]
 mod reference;

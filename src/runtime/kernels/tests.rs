@@ -71,8 +71,8 @@ fn assert_close(w: &GgmlLinear, x: &[f32], y: &[f32], what: &str) {
 /// Odd row counts and a few column counts per block size, including a single block.
 fn shapes(ty: GgmlType) -> Vec<(usize, usize)> {
     let bs = ty.block_size();
-    let cols = if bs == 1 { vec![1, 13, 77] } else { vec![bs, 3 * bs] };
-    cols.into_iter().flat_map(|c| [(1, c), (7, c), (37, c)]).collect()
+    let cols = if bs == 1 { vec![1, 13, 64, 77] } else { vec![bs, 3 * bs] };
+    cols.into_iter().flat_map(|c| [(1, c), (7, c), (37, c), (71, c)]).collect()
 }
 
 #[test]
@@ -82,19 +82,26 @@ fn every_format_and_path_matches_the_f64_reference() {
         for (rows, cols) in shapes(ty) {
             let data = random_weights(ty, rows, cols, &mut rng);
             let w = GgmlLinear::new(ty, rows, cols, &data).unwrap();
-            for n in [1, 2, 5, 19] {
+            for n in [1, 2, 3, 4, 5, 19, 30] {
                 let x: Vec<f32> = (0..n * cols).map(|_| rng.f32()).collect();
                 let mut y = vec![f32::NAN; n * rows];
                 w.forward(&x, &mut y);
                 assert_close(&w, &x, &y, &format!("forward n={n}"));
-                y.fill(f32::NAN);
-                gemv::gemv(&w, &x, n, &mut y);
-                assert_close(&w, &x, &y, &format!("gemv n={n}"));
-                // Blocks of 1, 3 and all rows: the last block is partial for the odd row counts.
-                for block_rows in [1, 3, rows] {
-                    y.fill(f32::NAN);
-                    gemm::gemm_in_blocks(&w, &x, n, &mut y, block_rows);
-                    assert_close(&w, &x, &y, &format!("gemm n={n} block={block_rows}"));
+                if n < super::GEMM_MIN_ROWS {
+                    for kernel in gemv::Kernel::available(&w) {
+                        y.fill(f32::NAN);
+                        gemv::gemv_with(&w, &x, n, &mut y, kernel);
+                        assert_close(&w, &x, &y, &format!("gemv {kernel:?} n={n}"));
+                    }
+                }
+                // Blocks of one and two panels and of all rows: the last block and its last panel
+                // are partial for the odd row counts.
+                for kernel in gemm::Kernel::available() {
+                    for block_rows in [32, 64, rows] {
+                        y.fill(f32::NAN);
+                        gemm::gemm_with(&w, &x, n, &mut y, kernel, block_rows);
+                        assert_close(&w, &x, &y, &format!("gemm {kernel:?} n={n} block={block_rows}"));
+                    }
                 }
             }
         }

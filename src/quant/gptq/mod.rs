@@ -1,0 +1,380 @@
+//! GPTQ (Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
+//! Transformers", 2022): one linear layer's weights to a low-bit integer grid, column by column, each
+//! column's rounding error pushed onto the columns not yet quantized through the inverse Hessian of the
+//! layer's inputs, so the layer's output on the calibration activations moves as little as possible.
+//!
+//! Semantics follow AutoGPTQ/GPTQModel's `fasterquant`: dead inputs (zero Hessian diagonal) get weight 0,
+//! dampening `damp · mean(diag H)`, the upper Cholesky factor of `H⁻¹`, lazy batch updates over blocks of
+//! [`BLOCK_SIZE`] columns, act-order (columns by decreasing Hessian diagonal, with `g_idx`), static groups.
+//! Where they differ: a group's parameters are taken from the weights as updated by every column already
+//! quantized (the reference reads the block's pre-update copy for groups starting inside a block), the
+//! factorization is retried at doubled damping instead of failing, and scales are f16 values (see [`grid`]).
+//!
+//! Output rows are independent given `H`, so rows are processed in fixed chunks of [`ROW_CHUNK`] in
+//! parallel, each with sequential products: the result does not depend on the thread count.
+//!
+//! - [`hessian`]: [`HessianAccumulator`], [`Hessian`] and the inverse factor.
+//! - [`grid`]: the min-max grid shared with round-to-nearest ([`rtn`]).
+//! - [`pipeline`]: the whole model, block by block, on calibration activations.
+
+pub mod grid;
+pub mod hessian;
+pub mod pipeline;
+
+use faer::linalg::matmul::matmul;
+use faer::{Accum, MatMut, MatRef, Par};
+use rayon::prelude::*;
+
+pub use grid::{Grid, GroupParams, SUPPORTED_BITS};
+pub use hessian::{Hessian, HessianAccumulator};
+
+/// Columns per lazy batch update (GPTQ's `blocksize`).
+pub const BLOCK_SIZE: usize = 128;
+/// Group sizes accepted besides "one group per row": they divide [`BLOCK_SIZE`], so no group straddles two
+/// lazy batches.
+pub const SUPPORTED_GROUP_SIZES: [usize; 3] = [32, 64, 128];
+/// Output rows one parallel task quantizes.
+const ROW_CHUNK: usize = 64;
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum GptqError {
+    #[error("{0}-bit quantization is not supported (GPTQ supports 2, 3, 4 and 8 bits)")]
+    Bits(u32),
+    #[error("group size {0} is not supported (use -1 for one group per row, or 32, 64 or 128)")]
+    GroupSize(usize),
+    #[error("--static-groups needs a group size")]
+    StaticGroupsWithoutGroups,
+    #[error("dampening {0} is outside [0, 1)")]
+    Damp(f64),
+    #[error("{0}")]
+    Shape(String),
+    #[error("weight {value} at row {row}, column {column} is not finite")]
+    NonFiniteWeight { row: usize, column: usize, value: f32 },
+    #[error("the Hessian holds a non-finite value ({0}); the calibration activations overflowed")]
+    NonFiniteHessian(f64),
+    #[error("no calibration activations reached this layer")]
+    NoActivations,
+    #[error("the Hessian is not positive definite even with dampening {0}")]
+    NotPositiveDefinite(f64),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GptqConfig {
+    pub bits: u32,
+    /// Input columns per group; `None` is one group per output row (GPTQ's `group_size = -1`).
+    pub group_size: Option<usize>,
+    pub sym: bool,
+    /// Quantize columns by decreasing Hessian diagonal (`desc_act`).
+    pub act_order: bool,
+    /// Fix every group's parameters from the original weights before any update.
+    pub static_groups: bool,
+    /// Fraction of the mean Hessian diagonal added to the diagonal (`damp_percent`).
+    pub damp: f64,
+}
+
+impl Default for GptqConfig {
+    fn default() -> Self {
+        Self { bits: 4, group_size: Some(128), sym: true, act_order: false, static_groups: false, damp: 0.01 }
+    }
+}
+
+impl GptqConfig {
+    pub fn grid(&self) -> Grid {
+        Grid { bits: self.bits, sym: self.sym }
+    }
+
+    pub fn validate(&self) -> Result<(), GptqError> {
+        if !SUPPORTED_BITS.contains(&self.bits) {
+            return Err(GptqError::Bits(self.bits));
+        }
+        if let Some(g) = self.group_size {
+            if !SUPPORTED_GROUP_SIZES.contains(&g) {
+                return Err(GptqError::GroupSize(g));
+            }
+        } else if self.static_groups {
+            return Err(GptqError::StaticGroupsWithoutGroups);
+        }
+        if !(0.0..1.0).contains(&self.damp) {
+            return Err(GptqError::Damp(self.damp));
+        }
+        Ok(())
+    }
+
+    /// Columns per group for a row of `cols` (the whole row when there are no groups).
+    fn group_len(&self, cols: usize) -> usize {
+        self.group_size.unwrap_or(cols).max(1)
+    }
+}
+
+/// A linear layer's weights on a grouped integer grid, in the layout GPTQ checkpoints use.
+///
+/// The weight is `rows × cols` = `out × in`. Group `g` holds the input columns `c` with `g_idx[c] == g`;
+/// without act-order that is `c / group_size`, the last group shorter when `group_size` does not divide
+/// `cols`. Every value here is exact: `dequantized[o·cols + c] == scales[g·rows + o] · (codes[o·cols + c] −
+/// zeros[g·rows + o])` with `g = g_idx[c]`, computed in f32, and every scale is an f16 value.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GroupQuantized {
+    pub rows: usize,
+    pub cols: usize,
+    pub bits: u32,
+    pub sym: bool,
+    /// `None`: one group per row.
+    pub group_size: Option<usize>,
+    /// `rows × cols`, row-major, each in `0..2^bits`.
+    pub codes: Vec<u8>,
+    /// `groups × rows` (the `[groups, out]` layout of GPTQ's `scales`).
+    pub scales: Vec<f32>,
+    /// `groups × rows`, the true zero points (not GPTQ v1's stored `zero − 1`).
+    pub zeros: Vec<u8>,
+    /// `cols` group indices.
+    pub g_idx: Vec<u32>,
+    /// `rows × cols`, row-major.
+    pub dequantized: Vec<f32>,
+}
+
+impl GroupQuantized {
+    pub fn groups(&self) -> usize {
+        self.scales.len() / self.rows.max(1)
+    }
+}
+
+/// [`gptq`]'s result and what it took.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GptqOutput {
+    pub weight: GroupQuantized,
+    /// The dampening fraction that made `H` factorizable (the configured one unless retried).
+    pub damp: f64,
+    /// GPTQ's proxy loss `Σ (w − q)² / (2 [H⁻¹]_jj²)`, summed over rows and columns.
+    pub loss: f64,
+}
+
+/// Quantizes `w` (`rows × cols`, row-major) with GPTQ against `h` (`cols × cols`).
+pub fn gptq(w: &[f32], rows: usize, cols: usize, h: &Hessian, config: &GptqConfig) -> Result<GptqOutput, GptqError> {
+    config.validate()?;
+    check_weights(w, rows, cols)?;
+    if h.dim() != cols {
+        return Err(GptqError::Shape(format!("the Hessian is {0} x {0}, the weight has {cols} columns", h.dim())));
+    }
+    let dead: Vec<bool> = (0..cols).map(|c| h.get(c, c) == 0.0).collect();
+    let mut w = w.to_vec();
+    for row in w.chunks_mut(cols) {
+        row.iter_mut().zip(&dead).filter(|(_, &d)| d).for_each(|(v, _)| *v = 0.0);
+    }
+    let perm = column_order(h, &dead, config.act_order);
+    let mut hp = vec![0f64; cols * cols];
+    for (i, &pi) in perm.iter().enumerate() {
+        for (j, &pj) in perm.iter().enumerate() {
+            hp[i * cols + j] = if pi == pj && dead[pi] { 1.0 } else { h.get(pi, pj) };
+        }
+    }
+    let (u, damp) = factor_with_retries(&hp, cols, config.damp)?;
+    let plan = Plan::new(rows, cols, config, perm);
+    let chunks: Vec<ChunkResult> =
+        w.par_chunks(ROW_CHUNK * cols.max(1)).map(|chunk| quantize_chunk(chunk, cols, &plan, Some(&u))).collect();
+    Ok(GptqOutput { loss: chunks.iter().map(|c| c.loss).sum(), weight: plan.assemble(&chunks), damp })
+}
+
+/// Round-to-nearest on the same grid and groups as [`gptq`] (no act-order: with no Hessian there is no
+/// order to follow).
+pub fn rtn(w: &[f32], rows: usize, cols: usize, config: &GptqConfig) -> Result<GroupQuantized, GptqError> {
+    config.validate()?;
+    check_weights(w, rows, cols)?;
+    let plan = Plan::new(rows, cols, &GptqConfig { act_order: false, ..*config }, (0..cols).collect());
+    let chunks: Vec<ChunkResult> =
+        w.par_chunks(ROW_CHUNK * cols.max(1)).map(|chunk| quantize_chunk(chunk, cols, &plan, None)).collect();
+    Ok(plan.assemble(&chunks))
+}
+
+fn check_weights(w: &[f32], rows: usize, cols: usize) -> Result<(), GptqError> {
+    if rows == 0 || cols == 0 || w.len() != rows * cols {
+        return Err(GptqError::Shape(format!("{} weights do not form a {rows} x {cols} matrix", w.len())));
+    }
+    match w.iter().position(|v| !v.is_finite()) {
+        Some(i) => Err(GptqError::NonFiniteWeight { row: i / cols, column: i % cols, value: w[i] }),
+        None => Ok(()),
+    }
+}
+
+/// The order columns are quantized in: natural, or by decreasing Hessian diagonal (dead columns count
+/// as 1, as they will in the damped Hessian), ties by index so the order is deterministic.
+fn column_order(h: &Hessian, dead: &[bool], act_order: bool) -> Vec<usize> {
+    let mut perm: Vec<usize> = (0..dead.len()).collect();
+    if act_order {
+        let key = |c: usize| if dead[c] { 1.0 } else { h.get(c, c) };
+        perm.sort_by(|&a, &b| key(b).total_cmp(&key(a)).then(a.cmp(&b)));
+    }
+    perm
+}
+
+/// The damped inverse factor, doubling the dampening (from at least 1%) until `H` factors.
+fn factor_with_retries(h: &[f64], n: usize, damp: f64) -> Result<(Vec<f32>, f64), GptqError> {
+    let mut damp = damp;
+    loop {
+        if let Some(u) = hessian::inverse_upper_cholesky(h, n, damp) {
+            return Ok((u, damp));
+        }
+        let next = (2.0 * damp).max(0.01);
+        if next >= 1.0 {
+            return Err(GptqError::NotPositiveDefinite(damp));
+        }
+        damp = next;
+    }
+}
+
+/// What every row chunk shares: shapes, grid, column order and where each column's group comes from.
+struct Plan {
+    rows: usize,
+    cols: usize,
+    grid: Grid,
+    config: GptqConfig,
+    group_len: usize,
+    groups: usize,
+    /// `perm[k]`: the original column quantized at position `k`.
+    perm: Vec<usize>,
+}
+
+/// One chunk's results, in the permuted column order, rows of the chunk only.
+struct ChunkResult {
+    rows: usize,
+    /// `cols × rows`: the code of permuted column `k`, chunk row `r` at `k·rows + r`.
+    codes: Vec<u8>,
+    /// `groups × rows`.
+    params: Vec<GroupParams>,
+    loss: f64,
+}
+
+impl Plan {
+    fn new(rows: usize, cols: usize, config: &GptqConfig, perm: Vec<usize>) -> Self {
+        let group_len = config.group_len(cols);
+        Self { rows, cols, grid: config.grid(), config: *config, group_len, groups: cols.div_ceil(group_len), perm }
+    }
+
+    /// The group of permuted column `k`. Static groups (and RTN) keep the original columns' groups;
+    /// dynamic groups are runs of the quantization order.
+    fn group_of_position(&self, k: usize) -> usize {
+        if self.config.static_groups {
+            self.perm[k] / self.group_len
+        } else {
+            k / self.group_len
+        }
+    }
+
+    fn assemble(&self, chunks: &[ChunkResult]) -> GroupQuantized {
+        let (rows, cols) = (self.rows, self.cols);
+        let mut g_idx = vec![0u32; cols];
+        for (k, &c) in self.perm.iter().enumerate() {
+            g_idx[c] = self.group_of_position(k) as u32;
+        }
+        let mut codes = vec![0u8; rows * cols];
+        let mut scales = vec![0f32; self.groups * rows];
+        let mut zeros = vec![0u8; self.groups * rows];
+        let mut row0 = 0;
+        for chunk in chunks {
+            for r in 0..chunk.rows {
+                let row = &mut codes[(row0 + r) * cols..][..cols];
+                for (k, &c) in self.perm.iter().enumerate() {
+                    row[c] = chunk.codes[k * chunk.rows + r];
+                }
+                for g in 0..self.groups {
+                    let p = chunk.params[g * chunk.rows + r];
+                    scales[g * rows + row0 + r] = p.scale;
+                    zeros[g * rows + row0 + r] = p.zero;
+                }
+            }
+            row0 += chunk.rows;
+        }
+        let dequantized = codes
+            .iter()
+            .enumerate()
+            .map(|(i, &q)| {
+                let g = g_idx[i % cols] as usize * rows + i / cols;
+                GroupParams { scale: scales[g], zero: zeros[g] }.dequantize(q)
+            })
+            .collect();
+        let config = &self.config;
+        GroupQuantized {
+            rows,
+            cols,
+            bits: config.bits,
+            sym: config.sym,
+            group_size: config.group_size,
+            codes,
+            scales,
+            zeros,
+            g_idx,
+            dequantized,
+        }
+    }
+}
+
+/// GPTQ on a chunk of whole rows (`rows × cols`, row-major); with `u = None`, plain rounding.
+fn quantize_chunk(w: &[f32], cols: usize, plan: &Plan, u: Option<&[f32]>) -> ChunkResult {
+    let rows = w.len() / cols;
+    let grid = plan.grid;
+    // Column-major copy in quantization order: permuted column k is wt[k·rows..][..rows].
+    let mut wt = vec![0f32; cols * rows];
+    for (k, &c) in plan.perm.iter().enumerate() {
+        for r in 0..rows {
+            wt[k * rows + r] = w[r * cols + c];
+        }
+    }
+    let mut params = vec![GroupParams { scale: 0.0, zero: 0 }; plan.groups * rows];
+    if plan.config.static_groups || plan.config.group_size.is_none() {
+        // Parameters from the original weights, before any update.
+        for g in 0..plan.groups {
+            let span = g * plan.group_len..((g + 1) * plan.group_len).min(cols);
+            for r in 0..rows {
+                params[g * rows + r] = grid.params(span.clone().map(|c| w[r * cols + c]));
+            }
+        }
+    }
+    let mut codes = vec![0u8; cols * rows];
+    let mut err = vec![0f32; BLOCK_SIZE * rows];
+    let mut loss = 0f64;
+    for i1 in (0..cols).step_by(BLOCK_SIZE) {
+        let i2 = (i1 + BLOCK_SIZE).min(cols);
+        for k in i1..i2 {
+            let group = plan.group_of_position(k);
+            if !plan.config.static_groups && plan.config.group_size.is_some() && k % plan.group_len == 0 {
+                // The group lies inside this block, whose columns are already fully updated.
+                let end = (k + plan.group_len).min(cols);
+                for r in 0..rows {
+                    params[group * rows + r] = grid.params((k..end).map(|j| wt[j * rows + r]));
+                }
+            }
+            let (done, rest) = wt.split_at_mut((k + 1) * rows);
+            let column = &done[k * rows..];
+            let d = u.map_or(1.0, |u| u[k * cols + k]);
+            let e = &mut err[(k - i1) * rows..][..rows];
+            for r in 0..rows {
+                let p = params[group * rows + r];
+                let code = grid.code(column[r], p);
+                codes[k * rows + r] = code;
+                e[r] = (column[r] - p.dequantize(code)) / d;
+                loss += f64::from(e[r]) * f64::from(e[r]) / 2.0;
+            }
+            if let Some(u) = u {
+                // Spread this column's error over the rest of the block now; columns past the block
+                // get all of the block's errors at once below.
+                for j in k + 1..i2 {
+                    let coef = u[k * cols + j];
+                    let target = &mut rest[(j - k - 1) * rows..][..rows];
+                    target.iter_mut().zip(e.iter()).for_each(|(t, &e)| *t -= e * coef);
+                }
+            }
+        }
+        if let (Some(u), true) = (u, i2 < cols) {
+            let count = i2 - i1;
+            let u = MatRef::from_column_major_slice(u, cols, cols).transpose();
+            // wt[i2.., :] (cols−i2 × rows) −= U[i1..i2, i2..]ᵀ · Err (count × rows)
+            let lhs = u.submatrix(i1, i2, count, cols - i2).transpose();
+            let rhs = MatRef::from_column_major_slice(&err[..count * rows], rows, count).transpose();
+            let dst = MatMut::from_column_major_slice_mut(&mut wt[i2 * rows..], rows, cols - i2).transpose_mut();
+            matmul(dst, Accum::Add, lhs, rhs, -1.0, Par::Seq);
+        }
+    }
+    ChunkResult { rows, codes, params, loss }
+}
+
+#[cfg(test)]
+mod tests;
