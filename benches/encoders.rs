@@ -43,7 +43,7 @@ fn matrix() -> Vec<f32> {
     for _ in 0..ROWS {
         let scale = 0.01 + 0.05 * rng.unit();
         for _ in 0..ROW_LEN {
-            let outlier = if rng.next_u64() % 512 == 0 { 20.0 } else { 1.0 };
+            let outlier = if rng.next_u64().is_multiple_of(512) { 20.0 } else { 1.0 };
             values.push(rng.normal() * scale * outlier);
         }
     }

@@ -67,7 +67,7 @@ fn main() -> anyhow::Result<()> {
             }
             let mut x = (sum - 2.0) * 0.035;
             if shape.len() == 1 {
-                x = 1.0 + x;
+                x += 1.0;
             } else if i % cols % 997 == 0 {
                 x *= 20.0;
             }

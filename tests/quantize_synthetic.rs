@@ -192,7 +192,7 @@ fn an_imatrix_lowers_the_weighted_error() {
     let mut imatrix =
         Imatrix { datasets: vec!["synthetic".into()], chunk_count: 1, chunk_size: 8, ..Imatrix::default() };
     for (i, t) in reference.tensors().iter().filter(|t| t.dims.len() == 2).enumerate() {
-        let sums = (0..t.dims[0]).map(|c| if (c as usize + i) % 8 == 0 { 100.0 } else { 0.01 }).collect();
+        let sums = (0..t.dims[0]).map(|c| if (c as usize + i).is_multiple_of(8) { 100.0 } else { 0.01 }).collect();
         imatrix.entries.insert(t.name.clone(), ImatrixEntry { sums, counts: vec![1] });
     }
     let imatrix_path = f.root.join("imatrix.gguf");

@@ -125,13 +125,13 @@ impl GgmlType {
     /// Bytes taken by a row of `n` elements, or `None` when `n` is not a whole number of blocks.
     pub fn row_bytes(self, n: u64) -> Option<u64> {
         let bs = self.block_size() as u64;
-        (n % bs == 0).then(|| n / bs * self.type_size() as u64)
+        n.is_multiple_of(bs).then(|| n / bs * self.type_size() as u64)
     }
 
     /// Bytes taken by a tensor of `elements` elements, checked for overflow and whole blocks.
     pub fn tensor_bytes(self, elements: u64) -> Option<u64> {
         let bs = self.block_size() as u64;
-        if elements % bs != 0 {
+        if !elements.is_multiple_of(bs) {
             return None;
         }
         (elements / bs).checked_mul(self.type_size() as u64)
@@ -148,7 +148,7 @@ impl GgmlType {
         let Some(f) = t.dequantize else {
             return Err(format!("dequantizing {} is not supported", t.name));
         };
-        if src.len() % t.type_size != 0 || src.len() / t.type_size * t.block_size != dst.len() {
+        if !src.len().is_multiple_of(t.type_size) || src.len() / t.type_size * t.block_size != dst.len() {
             return Err(format!("{} data of {} bytes does not hold {} elements", t.name, src.len(), dst.len()));
         }
         f(src, dst);

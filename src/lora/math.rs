@@ -30,7 +30,10 @@ impl LowRank {
     /// `coef · ΔW` of one LoRA module in the stored layout of its base weight, from `a` (`A [r, in]`)
     /// and `b` (`B [out, r]`), both row-major.
     pub fn from_lora(a: &[f32], b: &[f32], rank: usize, orientation: Orientation, coef: f64) -> LowRank {
-        assert!(rank > 0 && a.len() % rank == 0 && b.len() % rank == 0, "factors checked against their shapes");
+        assert!(
+            rank > 0 && a.len().is_multiple_of(rank) && b.len().is_multiple_of(rank),
+            "factors checked against their shapes"
+        );
         let (n_in, n_out) = (a.len() / rank, b.len() / rank);
         match orientation {
             Orientation::OutputRows => LowRank {

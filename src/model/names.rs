@@ -91,7 +91,7 @@ pub fn permute_rows_gguf_to_hf<T: Copy>(data: &[T], heads: usize, row_len: usize
 
 fn permute<T: Copy>(data: &[T], heads: usize, row_len: usize, inverse: bool) -> Vec<T> {
     let rows = data.len() / row_len;
-    assert!(rows % (2 * heads) == 0, "{rows} rows cannot be split into {heads} heads of pairs");
+    assert!(rows.is_multiple_of(2 * heads), "{rows} rows cannot be split into {heads} heads of pairs");
     let half = rows / heads / 2;
     let mut out = Vec::with_capacity(data.len());
     for dst_row in 0..rows {

@@ -296,7 +296,7 @@ impl Mixer<'_> {
             _ => None,
         };
         if let Some((ty, option)) = explicit {
-            if t.row_len() % ty.block_size() as u64 != 0 {
+            if !t.row_len().is_multiple_of(ty.block_size() as u64) {
                 bail!(
                     "{option} {ty}: {} has rows of {} values, not a multiple of {}",
                     t.name,
@@ -336,7 +336,7 @@ impl Mixer<'_> {
         if category == Category::Output || (self.tied_embeddings && category == Category::TokenEmbd) {
             return match self.opts.output_type {
                 Some(ty) => ty,
-                None if t.row_len() % ty.block_size() as u64 != 0 => T::Q8_0,
+                None if !t.row_len().is_multiple_of(ty.block_size() as u64) => T::Q8_0,
                 None if ty != T::Q8_0 => T::Q6_K,
                 None => ty,
             };
@@ -398,7 +398,7 @@ impl Mixer<'_> {
 fn fallback(t: &TensorDesc, ty: GgmlType) -> Result<GgmlType> {
     use GgmlType as T;
     let row_len = t.row_len();
-    if row_len % ty.block_size() as u64 == 0 {
+    if row_len.is_multiple_of(ty.block_size() as u64) {
         return Ok(ty);
     }
     let replacement = match ty {
@@ -410,7 +410,7 @@ fn fallback(t: &TensorDesc, ty: GgmlType) -> Result<GgmlType> {
         _ if ty.block_size() <= 32 => ty,
         _ => bail!("{}: rows of {row_len} values do not fit {ty} and no smaller type replaces it", t.name),
     };
-    Ok(if row_len % replacement.block_size() as u64 == 0 { replacement } else { T::F16 })
+    Ok(if row_len.is_multiple_of(replacement.block_size() as u64) { replacement } else { T::F16 })
 }
 
 #[cfg(test)]

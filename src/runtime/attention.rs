@@ -99,7 +99,7 @@ pub fn attention(q: &[f32], keys: &[f32], values: &[f32], heads: Heads, first_po
     #[cfg(target_arch = "x86_64")]
     // The kernel reads values in place as panels of 32 dimensions, so the head size must be a
     // multiple of 32.
-    if heads.dim % 32 == 0 && std::arch::is_x86_feature_detected!("avx512f") {
+    if heads.dim.is_multiple_of(32) && std::arch::is_x86_feature_detected!("avx512f") {
         // SAFETY: the CPU has AVX-512F.
         return unsafe { avx512::attention(q, keys, values, heads, first_pos, out) };
     }

@@ -48,7 +48,7 @@ pub(super) fn checked_n_bytes(name: &str, dims: &[u64], ty: GgmlType) -> Result<
     let elements =
         dims.iter().try_fold(1u64, |n, &d| n.checked_mul(d)).filter(|&n| n <= i64::MAX as u64).ok_or_else(overflow)?;
     let block = ty.block_size() as u64;
-    if dims[0] % block != 0 {
+    if !dims[0].is_multiple_of(block) {
         return Err(format!(
             "tensor '{name}' has rows of {} elements, not a whole number of {ty} blocks ({block} elements each)",
             dims[0]

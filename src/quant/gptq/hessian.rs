@@ -51,7 +51,12 @@ impl HessianAccumulator {
 
     /// Adds activation rows: `x` is row-major, `dim` values per row.
     pub fn add(&mut self, x: &[f32]) {
-        assert!(x.len() % self.dim.max(1) == 0, "activation rows of {} values do not fit {}", self.dim, x.len());
+        assert!(
+            x.len().is_multiple_of(self.dim.max(1)),
+            "activation rows of {} values do not fit {}",
+            self.dim,
+            x.len()
+        );
         for chunk in x.chunks(ROWS_PER_PRODUCT * self.dim) {
             self.add_product(chunk);
         }

@@ -160,7 +160,7 @@ mod avx512 {
             return None;
         }
         Some(match ty {
-            GgmlType::F16 if cols % 32 == 0 => row_dot::<F16>,
+            GgmlType::F16 if cols.is_multiple_of(32) => row_dot::<F16>,
             GgmlType::Q8_0 => row_dot::<Q8_0>,
             GgmlType::Q4_0 => row_dot::<Q4_0>,
             GgmlType::Q4_1 => row_dot::<Q4_1>,
