@@ -160,6 +160,12 @@ fn bad_input_fails_cleanly() {
     assert_eq!(err.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&err.stderr).contains("--ctx 8 is too short"));
     assert!(!out.exists(), "no file is written on failure");
+    let text = test_data("wikitext-excerpt.txt");
+    let unwritable = dir.path().join("no-such-dir").join("m.gguf");
+    let err = qforge(&["imatrix", s(&fixture), "--calib", s(&text), "--ctx", "128", "-o", s(&unwritable)]);
+    assert_clean_failure(&err, &unwritable, "");
+    let same = qforge(&["imatrix", s(&fixture), "--calib", s(&text), "-o", s(&fixture)]);
+    assert_clean_failure(&same, &fixture, "");
 }
 
 /// On the fixture's F32 export, with llama.cpp's attention kept in f32 (no flash attention, F32 KV

@@ -48,14 +48,9 @@ impl fmt::Display for Error {
     }
 }
 
-impl std::error::Error for Error {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match &self.kind {
-            ErrorKind::Io(e) => Some(e),
-            _ => None,
-        }
-    }
-}
+/// No `source()`: the I/O error's text is already part of the message, and error reporters that walk
+/// the chain (anyhow's `{:#}`) would print it twice.
+impl std::error::Error for Error {}
 
 /// Attaches a path to `io::Result`s.
 pub trait IoContext<T> {

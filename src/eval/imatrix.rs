@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use formats::output::{ensure_distinct, AtomicFile};
 use serde::Serialize;
 
 use super::perplexity::{self, ChunkPlan, Protocol};
@@ -185,6 +186,10 @@ fn check_options(opts: &ImatrixOptions) -> Result<()> {
 /// writes it to `output`.
 pub fn run(model_path: &Path, text_path: &Path, output: &Path, opts: &ImatrixOptions) -> Result<ImatrixReport> {
     check_options(opts)?;
+    ensure_distinct(model_path, output)?;
+    ensure_distinct(text_path, output)?;
+    // An output that cannot be written fails now, not after the whole computation.
+    drop(AtomicFile::create(output)?);
     let source = ModelSource::open(model_path)?;
     let (tokens, bos) = perplexity::tokenize(&source, text_path)?;
     let model = Model::load(&source)?;
