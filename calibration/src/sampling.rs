@@ -104,6 +104,11 @@ impl SplitMix64 {
         z ^ (z >> 31)
     }
 
+    /// Uniform in [0, 1), from the top 53 bits.
+    pub fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
     /// Uniform in `0..n` without modulo bias: outputs at or above the largest multiple of `n` that fits in
     /// 2^64 are drawn again, the rest reduced modulo `n`. `n` must be positive.
     pub fn below(&mut self, n: u64) -> u64 {

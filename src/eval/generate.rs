@@ -11,7 +11,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use calibration::Tokenizer;
+use calibration::{SplitMix64, Tokenizer};
 use serde::Serialize;
 
 use crate::model::vocab::token_type;
@@ -88,24 +88,6 @@ impl GenerateReport {
     }
 }
 
-/// SplitMix64: small, fast, and the same sequence everywhere for a seed.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1).
-    fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
 /// Chooses tokens from logits, as [`SamplingOptions`] says.
 pub struct Sampler {
     opts: SamplingOptions,
@@ -120,7 +102,7 @@ impl Sampler {
         if !(opts.top_p > 0.0 && opts.top_p <= 1.0) {
             bail!("--top-p {} must lie in (0, 1]", opts.top_p);
         }
-        Ok(Self { opts, rng: SplitMix64(opts.seed) })
+        Ok(Self { opts, rng: SplitMix64::new(opts.seed) })
     }
 
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
