@@ -141,10 +141,6 @@ impl Model<'_> {
             self.mlp_block(layer, l, &mut x, &mut buf, observer);
         }
         cache.advance(n);
-        // A pass that only fills the cache, or only feeds an observer, needs no logits.
-        if outputs.is_empty() {
-            return Ok(Vec::new());
-        }
         let hidden = self.config.hidden_size;
         let last = &mut x[outputs.start * hidden..outputs.end * hidden];
         rms_norm(last, &self.output_norm, self.config.rms_norm_eps);

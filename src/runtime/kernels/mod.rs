@@ -96,6 +96,9 @@ impl Linear for GgmlLinear<'_> {
     fn forward(&self, x: &[f32], y: &mut [f32]) {
         let n = x.len() / self.cols;
         assert!(x.len() == n * self.cols && y.len() == n * self.rows, "activation shapes do not match the weights");
+        if n == 0 {
+            return;
+        }
         if n >= GEMM_MIN_ROWS {
             gemm::gemm(self, x, n, y);
         } else {

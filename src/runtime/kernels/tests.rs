@@ -119,3 +119,12 @@ fn construction_rejects_mismatched_data() {
     let err = GgmlLinear::new(GgmlType::IQ2_XXS, 1, 256, &[0; 66]).unwrap_err();
     assert!(err.contains("not supported"), "{err}");
 }
+
+#[test]
+fn an_empty_batch_multiplies_to_nothing() {
+    let data = random_weights(GgmlType::Q4_0, 4, 64, &mut Rng(5));
+    let w = GgmlLinear::new(GgmlType::Q4_0, 4, 64, &data).unwrap();
+    let mut y: Vec<f32> = Vec::new();
+    w.forward(&[], &mut y);
+    assert!(y.is_empty());
+}
