@@ -182,7 +182,7 @@ fn write_gguf(source: &ModelSource, output: &Path, dtype: FloatType, progress: &
         let bytes = gguf_float_for(t, dtype).encode(&values);
         writer.write_tensor(&t.gguf_name, &bytes)?;
         written += bytes.len() as u64;
-        bar.inc(source.raw(t).len() as u64);
+        bar.inc(source.stored_bytes(t));
         source.release(t);
     }
     if let Some((plan, values)) = rope_freqs {
@@ -227,9 +227,7 @@ fn write_hf_dir(
         })
         .collect();
     plan.sort_by(|a, b| a.name.cmp(&b.name));
-    let mut metadata: BTreeMap<String, String> = BTreeMap::from([("format".to_string(), "pt".to_string())]);
-    metadata.extend(source.general_as_safetensors_metadata());
-    let mut writer = safetensors::Writer::create(output, plan.clone(), metadata, max_shard_size)?;
+    let mut writer = safetensors::Writer::create(output, plan.clone(), safetensors_metadata(source), max_shard_size)?;
     let bar = progress.bytes_bar("convert", source.data_bytes());
     let mut written = 0u64;
     for p in &plan {
@@ -237,13 +235,27 @@ fn write_hf_dir(
         let bytes = dtype.encode(&source.load_hf_order(t)?);
         writer.write_tensor(&p.name, &bytes)?;
         written += bytes.len() as u64;
-        bar.inc(source.raw(t).len() as u64);
+        bar.inc(source.stored_bytes(t));
         source.release(t);
     }
     writer.finish()?;
     bar.finish_and_clear();
+    write_hf_side_files(source, output, &source.config.to_hf_json(dtype.torch_name()))?;
+    Ok((tensors.len(), written))
+}
 
-    write_json(&output.join("config.json"), &source.config.to_hf_json(dtype.torch_name()))?;
+/// The safetensors `__metadata__` of an HF directory written from `source`: transformers' `format`
+/// marker and the GGUF `general.*` keys.
+pub(crate) fn safetensors_metadata(source: &ModelSource) -> BTreeMap<String, String> {
+    let mut metadata: BTreeMap<String, String> = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+    metadata.extend(source.general_as_safetensors_metadata());
+    metadata
+}
+
+/// Everything of an HF directory but its weights: `config` as `config.json`, `generation_config.json`,
+/// and the tokenizer files when `source` has a vocabulary.
+pub(crate) fn write_hf_side_files(source: &ModelSource, output: &Path, config: &serde_json::Value) -> Result<()> {
+    write_json(&output.join("config.json"), config)?;
     let mut generation = serde_json::Map::new();
     generation.insert("_from_model_config".into(), true.into());
     if let Some(b) = source.config.bos_token_id {
@@ -258,10 +270,10 @@ fn write_hf_dir(
         write_json(&output.join("tokenizer.json"), &tokenizer)?;
         write_json(&output.join("tokenizer_config.json"), &tokenizer_config)?;
     }
-    Ok((tensors.len(), written))
+    Ok(())
 }
 
-fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
+pub(crate) fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
     use std::io::Write;
     let mut f = AtomicFile::create(path)?;
     serde_json::to_writer_pretty(&mut f, value).with_context(|| format!("{}: cannot write", path.display()))?;

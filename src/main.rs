@@ -9,6 +9,7 @@ use formats::GgmlType;
 use qforge::convert::{self, ConvertOptions, FloatType, Target};
 use qforge::eval::logits_file::LogitsForm;
 use qforge::progress::Progress;
+use qforge::quant::method::{CalibArgs, Format, GridArgs, Method, MethodOptions};
 use qforge::quant::{Preset, QuantizeOptions, TensorTypeRule};
 
 #[derive(Parser)]
@@ -56,41 +57,57 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Quantize a model (HF directory or GGUF) to a GGUF file with a llama.cpp preset.
+    /// Quantize a model (HF directory or GGUF): to a GGUF file with a llama.cpp preset, or with GPTQ, AWQ
+    /// or round-to-nearest to a GPTQ/AWQ HF directory.
     Quantize {
         /// An HF model directory (F32/F16/BF16) or a GGUF file.
         input: PathBuf,
-        /// The GGUF file to write.
+        /// The GGUF file or HF directory to write.
         #[arg(short, long, required_unless_present = "dry_run")]
         output: Option<PathBuf>,
-        /// Preset: Q2_K, Q3_K_S/M/L, Q4_0, Q4_1, Q4_K_S/M, Q5_0, Q5_1, Q5_K_S/M, Q6_K, Q8_0, IQ4_NL,
+        /// Quantization method.
+        #[arg(long, value_enum, default_value_t = Method::Rtn)]
+        method: Method,
+        /// Output format (default: gguf with --type, else the method's own).
+        #[arg(long, value_enum)]
+        format: Option<Format>,
+        /// GGUF preset: Q2_K, Q3_K_S/M/L, Q4_0, Q4_1, Q4_K_S/M, Q5_0, Q5_1, Q5_K_S/M, Q6_K, Q8_0, IQ4_NL,
         /// IQ4_XS, F16, BF16, F32.
         #[arg(long = "type", value_parser = parse_preset)]
-        preset: Preset,
+        preset: Option<Preset>,
         /// Importance matrix (llama.cpp GGUF or legacy .dat) to weight the quantization error.
-        #[arg(long)]
+        #[arg(long, requires = "preset")]
         imatrix: Option<PathBuf>,
         /// Give tensors whose name matches REGEX this type (repeatable; the first match wins).
-        #[arg(long = "tensor-type", value_name = "REGEX=TYPE", value_parser = TensorTypeRule::parse)]
+        #[arg(
+            long = "tensor-type",
+            value_name = "REGEX=TYPE",
+            value_parser = TensorTypeRule::parse,
+            requires = "preset"
+        )]
         tensor_types: Vec<TensorTypeRule>,
         /// Type of output.weight.
-        #[arg(long, value_parser = parse_ggml_type)]
+        #[arg(long, value_parser = parse_ggml_type, requires = "preset")]
         output_type: Option<GgmlType>,
         /// Type of token_embd.weight.
-        #[arg(long, value_parser = parse_ggml_type)]
+        #[arg(long, value_parser = parse_ggml_type, requires = "preset")]
         token_embedding_type: Option<GgmlType>,
         /// Keep output.weight as it is.
-        #[arg(long)]
+        #[arg(long, requires = "preset")]
         leave_output_tensor: bool,
         /// Give every matrix the preset's type (no mixes).
-        #[arg(long)]
+        #[arg(long, requires = "preset")]
         pure: bool,
         /// Allow quantizing tensors that are already quantized (worse than quantizing from F16/F32).
-        #[arg(long)]
+        #[arg(long, requires = "preset")]
         allow_requantize: bool,
         /// Print the per-tensor plan and sizes; write nothing.
         #[arg(long)]
         dry_run: bool,
+        #[command(flatten)]
+        grid: GridArgs,
+        #[command(flatten)]
+        calib: CalibArgs,
     },
     /// Merge LoRA adapters (PEFT directories or llama.cpp LoRA GGUFs) into a model (HF directory or GGUF).
     MergeLora {
@@ -323,6 +340,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Quantize {
             input,
             output,
+            method,
+            format,
             preset,
             imatrix,
             tensor_types,
@@ -332,8 +351,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             pure,
             allow_requantize,
             dry_run,
+            grid,
+            calib,
         } => {
-            let opts = QuantizeOptions {
+            let gguf = preset.map(|preset| QuantizeOptions {
                 preset,
                 imatrix,
                 rules: tensor_types,
@@ -343,15 +364,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 pure,
                 allow_requantize,
                 progress,
-            };
+            });
+            let opts = MethodOptions { method, format, gguf, grid, calib, progress };
             match output {
                 Some(output) if !dry_run => {
-                    let report = qforge::quant::quantize(&input, &output, &opts)?;
+                    let report = qforge::quant::method::run(&input, &output, &opts)?;
                     if !cli.quiet {
                         eprint!("{}", report.render());
                     }
                 }
-                _ => print!("{}", qforge::quant::dry_run(&input, &opts)?.render()),
+                _ => print!("{}", qforge::quant::method::dry_run(&input, &opts)?.render()),
             }
         }
         Command::Imatrix { model, calib, output, ctx, chunks, format } => {

@@ -195,3 +195,19 @@ fn greedy_generation_matches_llama_cpp() {
     assert!(!theirs.is_empty());
     assert_eq!(ours, theirs, "greedy token ids: qforge vs llama.cpp");
 }
+
+#[test]
+fn numpy_transcriptions_of_the_gptq_and_awq_loaders_read_qforge_exports() {
+    let Some(fixture) = fixture_model() else { return };
+    let Some(python) = venv_python() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let f32_dir = dir.path().join("f32");
+    convert(&fixture, &f32_dir, "safetensors", "f32");
+    for (name, args) in [("gptq3", ["--format", "gptq", "--bits", "3"]), ("awq", ["--format", "awq", "--bits", "4"])] {
+        let out = dir.path().join(name);
+        let (input, output) = (fixture.to_str().unwrap(), out.to_str().unwrap());
+        qforge_ok(&[&["quantize", input, "-o", output, "--group-size", "64"][..], &args[..]].concat());
+        let report = run_script(&python, "read_gptq_awq.py", &[&out, &f32_dir]).unwrap_or_else(|e| panic!("{e}"));
+        assert!(report.contains("210 layers, 0 mismatched"), "{report}");
+    }
+}

@@ -2,10 +2,12 @@
 //!
 //! Each entry gives the type's GGUF id, name, elements per block, bytes per block, and the block codecs
 //! (in [`crate::blocks`]) that decode blocks to f32 and, where qforge can produce the type, encode f32
-//! rows into blocks. Readers size tensors from this table, the runtime keys its kernels by
-//! [`GgmlType`], and adding a format means adding its row here plus its codec module.
+//! rows into blocks and describe a block as a grid of levels ([`BlockGrid`]). Readers size tensors from
+//! this table, the runtime keys its kernels by [`GgmlType`], and adding a format means adding its row here
+//! plus its codec module.
 
 use crate::blocks;
+use crate::blocks::grid::BlockGrid;
 
 /// Decodes whole blocks: `src.len()` is a multiple of the type's block bytes and
 /// `dst.len() == src.len() / type_size * block_size`.
@@ -17,7 +19,7 @@ pub type DequantizeFn = fn(src: &[u8], dst: &mut [f32]);
 pub type QuantizeFn = fn(src: &[f32], dst: &mut [u8], importance: Option<&[f32]>);
 
 macro_rules! ggml_types {
-    ($($variant:ident = $id:literal, $name:literal, $block:literal, $bytes:literal, $deq:expr, $q:expr;)*) => {
+    ($($variant:ident = $id:literal, $name:literal, $block:literal, $bytes:literal, $deq:expr, $q:expr, $grid:expr;)*) => {
         /// A GGML tensor storage type, numbered as in GGUF files.
         #[allow(non_camel_case_types)]
         #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -32,44 +34,45 @@ macro_rules! ggml_types {
                 type_size: $bytes,
                 dequantize: $deq,
                 quantize: $q,
+                grid: $grid,
             },)*
         ];
     };
 }
 
 ggml_types! {
-    F32     = 0,  "F32",     1,   4,   Some(blocks::float::dequantize_f32),   Some(blocks::float::quantize_f32);
-    F16     = 1,  "F16",     1,   2,   Some(blocks::float::dequantize_f16),   Some(blocks::float::quantize_f16);
-    Q4_0    = 2,  "Q4_0",    32,  18,  Some(blocks::q4_0::dequantize),        Some(blocks::q4_0::quantize);
-    Q4_1    = 3,  "Q4_1",    32,  20,  Some(blocks::q4_1::dequantize),        Some(blocks::q4_1::quantize);
-    Q5_0    = 6,  "Q5_0",    32,  22,  Some(blocks::q5_0::dequantize),        Some(blocks::q5_0::quantize);
-    Q5_1    = 7,  "Q5_1",    32,  24,  Some(blocks::q5_1::dequantize),        Some(blocks::q5_1::quantize);
-    Q8_0    = 8,  "Q8_0",    32,  34,  Some(blocks::q8_0::dequantize),        Some(blocks::q8_0::quantize);
-    Q8_1    = 9,  "Q8_1",    32,  36,  None,                                  None;
-    Q2_K    = 10, "Q2_K",    256, 84,  Some(blocks::q2_k::dequantize),        Some(blocks::q2_k::quantize);
-    Q3_K    = 11, "Q3_K",    256, 110, Some(blocks::q3_k::dequantize),        Some(blocks::q3_k::quantize);
-    Q4_K    = 12, "Q4_K",    256, 144, Some(blocks::q4_k::dequantize),        Some(blocks::q4_k::quantize);
-    Q5_K    = 13, "Q5_K",    256, 176, Some(blocks::q5_k::dequantize),        Some(blocks::q5_k::quantize);
-    Q6_K    = 14, "Q6_K",    256, 210, Some(blocks::q6_k::dequantize),        Some(blocks::q6_k::quantize);
-    Q8_K    = 15, "Q8_K",    256, 292, Some(blocks::q8_k::dequantize),        None;
-    IQ2_XXS = 16, "IQ2_XXS", 256, 66,  None,                                  None;
-    IQ2_XS  = 17, "IQ2_XS",  256, 74,  None,                                  None;
-    IQ3_XXS = 18, "IQ3_XXS", 256, 98,  None,                                  None;
-    IQ1_S   = 19, "IQ1_S",   256, 50,  None,                                  None;
-    IQ4_NL  = 20, "IQ4_NL",  32,  18,  Some(blocks::iq4_nl::dequantize),      Some(blocks::iq4_nl::quantize);
-    IQ3_S   = 21, "IQ3_S",   256, 110, None,                                  None;
-    IQ2_S   = 22, "IQ2_S",   256, 82,  None,                                  None;
-    IQ4_XS  = 23, "IQ4_XS",  256, 136, Some(blocks::iq4_xs::dequantize),      Some(blocks::iq4_xs::quantize);
-    I8      = 24, "I8",      1,   1,   None,                                  None;
-    I16     = 25, "I16",     1,   2,   None,                                  None;
-    I32     = 26, "I32",     1,   4,   None,                                  None;
-    I64     = 27, "I64",     1,   8,   None,                                  None;
-    F64     = 28, "F64",     1,   8,   Some(blocks::float::dequantize_f64),   None;
-    IQ1_M   = 29, "IQ1_M",   256, 56,  None,                                  None;
-    BF16    = 30, "BF16",    1,   2,   Some(blocks::float::dequantize_bf16),  Some(blocks::float::quantize_bf16);
-    TQ1_0   = 34, "TQ1_0",   256, 54,  None,                                  None;
-    TQ2_0   = 35, "TQ2_0",   256, 66,  None,                                  None;
-    MXFP4   = 39, "MXFP4",   32,  17,  None,                                  None;
+    F32     = 0,  "F32",     1,   4,   Some(blocks::float::dequantize_f32),   Some(blocks::float::quantize_f32), None;
+    F16     = 1,  "F16",     1,   2,   Some(blocks::float::dequantize_f16),   Some(blocks::float::quantize_f16), None;
+    Q4_0    = 2,  "Q4_0",    32,  18,  Some(blocks::q4_0::dequantize),        Some(blocks::q4_0::quantize), Some(&blocks::q4_0::GRID);
+    Q4_1    = 3,  "Q4_1",    32,  20,  Some(blocks::q4_1::dequantize),        Some(blocks::q4_1::quantize), Some(&blocks::q4_1::GRID);
+    Q5_0    = 6,  "Q5_0",    32,  22,  Some(blocks::q5_0::dequantize),        Some(blocks::q5_0::quantize), Some(&blocks::q5_0::GRID);
+    Q5_1    = 7,  "Q5_1",    32,  24,  Some(blocks::q5_1::dequantize),        Some(blocks::q5_1::quantize), Some(&blocks::q5_1::GRID);
+    Q8_0    = 8,  "Q8_0",    32,  34,  Some(blocks::q8_0::dequantize),        Some(blocks::q8_0::quantize), Some(&blocks::q8_0::GRID);
+    Q8_1    = 9,  "Q8_1",    32,  36,  None,                                  None, None;
+    Q2_K    = 10, "Q2_K",    256, 84,  Some(blocks::q2_k::dequantize),        Some(blocks::q2_k::quantize), Some(&blocks::q2_k::GRID);
+    Q3_K    = 11, "Q3_K",    256, 110, Some(blocks::q3_k::dequantize),        Some(blocks::q3_k::quantize), Some(&blocks::q3_k::GRID);
+    Q4_K    = 12, "Q4_K",    256, 144, Some(blocks::q4_k::dequantize),        Some(blocks::q4_k::quantize), Some(&blocks::q4_k::GRID);
+    Q5_K    = 13, "Q5_K",    256, 176, Some(blocks::q5_k::dequantize),        Some(blocks::q5_k::quantize), Some(&blocks::q5_k::GRID);
+    Q6_K    = 14, "Q6_K",    256, 210, Some(blocks::q6_k::dequantize),        Some(blocks::q6_k::quantize), Some(&blocks::q6_k::GRID);
+    Q8_K    = 15, "Q8_K",    256, 292, Some(blocks::q8_k::dequantize),        None, None;
+    IQ2_XXS = 16, "IQ2_XXS", 256, 66,  None,                                  None, None;
+    IQ2_XS  = 17, "IQ2_XS",  256, 74,  None,                                  None, None;
+    IQ3_XXS = 18, "IQ3_XXS", 256, 98,  None,                                  None, None;
+    IQ1_S   = 19, "IQ1_S",   256, 50,  None,                                  None, None;
+    IQ4_NL  = 20, "IQ4_NL",  32,  18,  Some(blocks::iq4_nl::dequantize),      Some(blocks::iq4_nl::quantize), Some(&blocks::iq4_nl::GRID);
+    IQ3_S   = 21, "IQ3_S",   256, 110, None,                                  None, None;
+    IQ2_S   = 22, "IQ2_S",   256, 82,  None,                                  None, None;
+    IQ4_XS  = 23, "IQ4_XS",  256, 136, Some(blocks::iq4_xs::dequantize),      Some(blocks::iq4_xs::quantize), Some(&blocks::iq4_xs::GRID);
+    I8      = 24, "I8",      1,   1,   None,                                  None, None;
+    I16     = 25, "I16",     1,   2,   None,                                  None, None;
+    I32     = 26, "I32",     1,   4,   None,                                  None, None;
+    I64     = 27, "I64",     1,   8,   None,                                  None, None;
+    F64     = 28, "F64",     1,   8,   Some(blocks::float::dequantize_f64),   None, None;
+    IQ1_M   = 29, "IQ1_M",   256, 56,  None,                                  None, None;
+    BF16    = 30, "BF16",    1,   2,   Some(blocks::float::dequantize_bf16),  Some(blocks::float::quantize_bf16), None;
+    TQ1_0   = 34, "TQ1_0",   256, 54,  None,                                  None, None;
+    TQ2_0   = 35, "TQ2_0",   256, 66,  None,                                  None, None;
+    MXFP4   = 39, "MXFP4",   32,  17,  None,                                  None, None;
 }
 
 /// One row of the type table.
@@ -83,6 +86,8 @@ pub struct TypeTraits {
     pub type_size: usize,
     pub dequantize: Option<DequantizeFn>,
     pub quantize: Option<QuantizeFn>,
+    /// How an encoded block is a grid of levels, for quantizers that pick each element's level.
+    pub grid: Option<&'static BlockGrid>,
 }
 
 impl GgmlType {

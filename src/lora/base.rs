@@ -1,6 +1,7 @@
-//! The model a merge starts from: an HF directory (any architecture; every tensor of its checkpoint)
-//! or a GGUF file (the llama family, through [`ModelSource`]), seen as one list of tensors in file
-//! order, each with its shape, storage, and whether its rows are in llama.cpp's permuted q/k order.
+//! The model a merge starts from: an HF directory (any architecture; every tensor of its checkpoint),
+//! a GPTQ/AWQ HF directory or a GGUF file (the llama family, both through [`ModelSource`]), seen as one
+//! list of tensors, each with its shape, storage, and whether its rows are in llama.cpp's permuted q/k
+//! order. A packed linear is one tensor (`….weight`, `[out, in]`), decoded by dequantizing it.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -9,11 +10,17 @@ use anyhow::Result;
 use formats::safetensors::Checkpoint;
 
 use super::adapter::TargetName;
-use crate::model::source::Storage;
+use crate::model::packed::PackedFormat;
+use crate::model::source::{SourceTensor, Storage};
 use crate::model::ModelSource;
 
 pub enum Base {
-    Hf { dir: PathBuf, checkpoint: Checkpoint },
+    Hf {
+        dir: PathBuf,
+        checkpoint: Checkpoint,
+    },
+    /// An HF directory whose block linears are GPTQ/AWQ packed; tensors named and ordered as HF names.
+    Packed(Box<ModelSource>),
     Gguf(Box<ModelSource>),
 }
 
@@ -39,6 +46,9 @@ impl BaseTensor {
 impl Base {
     /// An HF directory, or a GGUF file.
     pub fn open(path: &Path) -> Result<Base> {
+        if path.is_dir() && PackedFormat::from_dir(path)?.is_some() {
+            return Ok(Base::Packed(Box::new(ModelSource::open(path)?)));
+        }
         if path.is_dir() {
             let checkpoint = Checkpoint::open(path)?;
             return Ok(Base::Hf { dir: path.to_path_buf(), checkpoint });
@@ -49,7 +59,7 @@ impl Base {
     pub fn path(&self) -> &Path {
         match self {
             Base::Hf { dir, .. } => dir,
-            Base::Gguf(s) => &s.path,
+            Base::Packed(s) | Base::Gguf(s) => &s.path,
         }
     }
 
@@ -60,7 +70,7 @@ impl Base {
     /// `general.architecture` of a GGUF base.
     pub fn gguf_architecture(&self) -> Option<&str> {
         match self {
-            Base::Hf { .. } => None,
+            Base::Hf { .. } | Base::Packed(_) => None,
             Base::Gguf(s) => s.gguf()?.architecture(),
         }
     }
@@ -74,6 +84,16 @@ impl Base {
                     name: t.name.to_string(),
                     shape: t.shape.to_vec(),
                     storage: Storage::Safetensors(t.dtype),
+                    qk_heads: None,
+                })
+                .collect(),
+            Base::Packed(s) => s
+                .tensors()
+                .iter()
+                .map(|t| BaseTensor {
+                    name: t.hf_name.clone().expect("HF directories name every tensor"),
+                    shape: t.shape.clone(),
+                    storage: t.storage,
                     qk_heads: None,
                 })
                 .collect(),
@@ -99,6 +119,11 @@ impl Base {
                     index.insert(TargetName::Hf(t.name.to_string()), i);
                 }
             }
+            Base::Packed(s) => {
+                for (i, t) in s.tensors().iter().enumerate() {
+                    index.insert(TargetName::Hf(t.hf_name.clone().expect("HF directories name every tensor")), i);
+                }
+            }
             Base::Gguf(s) => {
                 for (i, t) in s.tensors().iter().enumerate() {
                     index.insert(TargetName::Gguf(t.gguf_name.clone()), i);
@@ -112,32 +137,47 @@ impl Base {
     }
 
     /// The tensor's bytes as stored.
+    ///
+    /// # Panics
+    /// For a packed linear, which has no bytes of its own.
     pub fn raw(&self, t: &BaseTensor) -> &[u8] {
         match self {
             Base::Hf { checkpoint, .. } => checkpoint.tensor(&t.name).expect("listed tensors exist").data,
-            Base::Gguf(s) => s.raw(s.tensor(&t.name).expect("listed tensors exist")),
+            Base::Packed(s) | Base::Gguf(s) => s.raw(self.source_tensor(t)),
         }
     }
 
-    /// The tensor as f32 in file row order.
+    /// The tensor as f32 in file row order (a packed linear dequantized).
     pub fn decode(&self, t: &BaseTensor) -> Result<Vec<f32>> {
         match self {
             Base::Hf { checkpoint, .. } => Ok(checkpoint.tensor(&t.name).expect("listed tensors exist").to_f32()?),
-            Base::Gguf(s) => s.load_gguf_order(s.tensor(&t.name).expect("listed tensors exist")),
+            Base::Packed(s) => s.load_hf_order(self.source_tensor(t)),
+            Base::Gguf(s) => s.load_gguf_order(self.source_tensor(t)),
         }
     }
 
     pub fn release(&self, t: &BaseTensor) {
         match self {
             Base::Hf { checkpoint, .. } => checkpoint.release(&t.name),
-            Base::Gguf(s) => s.release(s.tensor(&t.name).expect("listed tensors exist")),
+            Base::Packed(s) | Base::Gguf(s) => s.release(self.source_tensor(t)),
         }
     }
 
     pub fn data_bytes(&self) -> u64 {
         match self {
             Base::Hf { checkpoint, .. } => checkpoint.total_bytes(),
-            Base::Gguf(s) => s.data_bytes(),
+            Base::Packed(s) | Base::Gguf(s) => s.data_bytes(),
+        }
+    }
+
+    /// The source's entry for a tensor of a packed or GGUF base.
+    pub fn source_tensor(&self, t: &BaseTensor) -> &SourceTensor {
+        match self {
+            Base::Hf { .. } => panic!("an HF base has no model source"),
+            Base::Packed(s) => {
+                s.tensors().iter().find(|s| s.hf_name.as_ref() == Some(&t.name)).expect("listed tensors exist")
+            }
+            Base::Gguf(s) => s.tensor(&t.name).expect("listed tensors exist"),
         }
     }
 }

@@ -5,6 +5,8 @@
 //! mapped base: untouched ones are copied byte for byte; merged ones are decoded to f32, merged in f64
 //! ([`super::math`]), encoded to their output type and released, so memory stays bounded by a tensor.
 //!
+//! A GPTQ/AWQ base is merged by [`super::packed`] into a directory of its own format.
+//!
 //! Factors named in HF row order are permuted to llama.cpp's q/k row order when the base is a GGUF
 //! that stores those rows permuted; only the output side (B's rows, DoRA magnitudes, biases) moves.
 
@@ -122,17 +124,17 @@ impl MergeReport {
 
 /// What happens to one base tensor.
 #[derive(Default)]
-struct Work {
+pub(super) struct Work {
     /// (adapter, replacement)
-    replacement: Option<(usize, usize)>,
+    pub replacement: Option<(usize, usize)>,
     /// (adapter, module)
-    lora: Vec<(usize, usize)>,
+    pub lora: Vec<(usize, usize)>,
     /// (adapter, module) whose `lora_B.bias` adds to this tensor.
-    bias: Vec<(usize, usize)>,
+    pub bias: Vec<(usize, usize)>,
 }
 
 impl Work {
-    fn change(&self, adapters: &[Adapter]) -> String {
+    pub(super) fn change(&self, adapters: &[Adapter]) -> String {
         let mut parts = Vec::new();
         if self.replacement.is_some() {
             parts.push("replaced");
@@ -168,6 +170,18 @@ pub fn merge(base_path: &Path, output: &Path, opts: &MergeOptions) -> Result<Mer
     check_compatible(&base, &adapters, output, opts)?;
     let tensors = base.tensors();
     let work = plan(&base, &tensors, &adapters)?;
+    if let Base::Packed(source) = &base {
+        let (merged, copied, bytes_written) =
+            super::packed::merge(&base, source, &tensors, &work, &adapters, output, opts)?;
+        return Ok(MergeReport {
+            output: output.to_path_buf(),
+            adapters: adapter_summaries(&adapters),
+            merged,
+            copied,
+            bytes_written,
+            seconds: started.elapsed().as_secs_f64(),
+        });
+    }
     let out_types = output_types(&base, &tensors, &work, opts)?;
     warn_about_requantization(&tensors, &work, &out_types);
 
@@ -205,20 +219,24 @@ pub fn merge(base_path: &Path, output: &Path, opts: &MergeOptions) -> Result<Mer
     bar.finish_and_clear();
     Ok(MergeReport {
         output: output.to_path_buf(),
-        adapters: adapters
-            .iter()
-            .map(|a| AdapterSummary {
-                path: a.path.clone(),
-                weight: a.weight,
-                modules: a.modules.len(),
-                replaced_tensors: a.replacements.len(),
-            })
-            .collect(),
+        adapters: adapter_summaries(&adapters),
         copied: tensors.len() - merged.len(),
         merged,
         bytes_written,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+fn adapter_summaries(adapters: &[Adapter]) -> Vec<AdapterSummary> {
+    adapters
+        .iter()
+        .map(|a| AdapterSummary {
+            path: a.path.clone(),
+            weight: a.weight,
+            modules: a.modules.len(),
+            replaced_tensors: a.replacements.len(),
+        })
+        .collect()
 }
 
 fn report_unknown_keys(adapters: &[Adapter], strict: bool) -> Result<()> {
@@ -252,7 +270,31 @@ fn warn_about_adapters(adapters: &[Adapter]) {
 }
 
 fn check_compatible(base: &Base, adapters: &[Adapter], output: &Path, opts: &MergeOptions) -> Result<()> {
-    if base.is_gguf() {
+    if let Base::Packed(source) = base {
+        let format = source.tensors().iter().find_map(|t| match t.storage {
+            Storage::Packed(f) => Some(f.name()),
+            _ => None,
+        });
+        let format = format.unwrap_or("GPTQ/AWQ");
+        if opts.ggml_type.is_some() || opts.dtype.is_some() {
+            bail!(
+                "{}: a {format} base merges into a {format} directory; --type and --dtype do not apply",
+                base.path().display()
+            );
+        }
+        if opts.max_shard_size.is_some() {
+            bail!(
+                "{}: a {format} base merges into one safetensors file; --max-shard-size does not apply",
+                base.path().display()
+            );
+        }
+        if output.exists() && !output.is_dir() {
+            bail!(
+                "{}: exists and is not a directory; a {format} base merges into an HF model directory",
+                output.display()
+            );
+        }
+    } else if base.is_gguf() {
         if output.is_dir() {
             bail!("{}: is a directory; a GGUF base merges into a GGUF file", output.display());
         }
@@ -407,6 +449,7 @@ fn output_types(
                     }
                     Ok(Storage::Safetensors(to))
                 }
+                Storage::Packed(_) => unreachable!("LoRA bases list no packed GPTQ/AWQ tensors"),
                 Storage::Ggml(own) if !merged => Ok(Storage::Ggml(own)),
                 Storage::Ggml(own) => {
                     let to = if t.shape.len() < 2 {
@@ -456,7 +499,7 @@ fn warn_about_requantization(tensors: &[BaseTensor], work: &BTreeMap<usize, Work
 }
 
 /// The merged values of one base tensor (file row order) and how far they moved.
-fn apply(base: &Base, t: &BaseTensor, w: &Work, adapters: &[Adapter]) -> Result<(Vec<f32>, Norms)> {
+pub(super) fn apply(base: &Base, t: &BaseTensor, w: &Work, adapters: &[Adapter]) -> Result<(Vec<f32>, Norms)> {
     let mut values = base.decode(t)?;
     let original = (w.steps() > 1).then(|| values.clone());
     let mut norms = Norms::default();
@@ -521,7 +564,7 @@ fn apply(base: &Base, t: &BaseTensor, w: &Work, adapters: &[Adapter]) -> Result<
     Ok((values, norms))
 }
 
-fn contributions(w: &Work, adapters: &[Adapter]) -> (Vec<f64>, usize) {
+pub(super) fn contributions(w: &Work, adapters: &[Adapter]) -> (Vec<f64>, usize) {
     let modules = || w.lora.iter().map(|&(a, m)| (&adapters[a], &adapters[a].modules[m]));
     (modules().map(|(a, m)| a.weight * m.scale).collect(), modules().map(|(_, m): (_, &LoraModule)| m.rank).sum())
 }
@@ -534,6 +577,7 @@ fn encode(values: &[f32], t: &BaseTensor, to: Storage) -> Result<Vec<u8>> {
         Storage::Ggml(ty) => {
             quantize_tensor(values, t.row_len(), ty, None).with_context(|| format!("tensor {}", t.name))
         }
+        Storage::Packed(_) => unreachable!("output types are never packed"),
     }
 }
 
@@ -561,13 +605,16 @@ impl OutputWriter {
                         dims: t.shape.iter().rev().map(|&d| d as u64).collect(),
                         ggml_type: match to {
                             Storage::Ggml(ty) => *ty,
-                            Storage::Safetensors(_) => unreachable!("GGUF tensors stay GGML types"),
+                            Storage::Safetensors(_) | Storage::Packed(_) => {
+                                unreachable!("GGUF tensors stay GGML types")
+                            }
                         },
                     })
                     .collect();
                 let metadata = source.gguf().expect("a GGUF base").metadata();
                 Ok(OutputWriter::Gguf(GgufWriter::create(output, metadata, plan)?))
             }
+            Base::Packed(_) => unreachable!("packed bases are merged by super::packed"),
             Base::Hf { checkpoint, .. } => {
                 let plan = tensors
                     .iter()
@@ -576,7 +623,7 @@ impl OutputWriter {
                         name: t.name.clone(),
                         dtype: match to {
                             Storage::Safetensors(d) => *d,
-                            Storage::Ggml(_) => unreachable!("HF tensors stay safetensors types"),
+                            Storage::Ggml(_) | Storage::Packed(_) => unreachable!("HF tensors stay safetensors types"),
                         },
                         shape: t.shape.clone(),
                     })

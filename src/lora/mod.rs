@@ -7,6 +7,7 @@
 //!   thread count.
 //! - [`base`]: the model merged into, HF directory or GGUF, as one list of tensors.
 //! - [`merge`]: `qforge merge-lora`, streaming the base tensor by tensor.
+//! - `packed`: merging into a GPTQ/AWQ base, written in its own format.
 //! - [`export`]: `qforge convert ADAPTER_DIR`, a PEFT adapter written as a llama.cpp LoRA GGUF.
 
 pub mod adapter;
@@ -14,6 +15,7 @@ pub mod base;
 pub mod export;
 pub mod math;
 pub mod merge;
+mod packed;
 pub mod select;
 
 pub use adapter::{Adapter, AdapterSpec};

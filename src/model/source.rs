@@ -8,12 +8,14 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use formats::gguf::{GgufFile, MetadataArray, MetadataValue, ValueType};
+use formats::packed::UnpackedWeights;
 use formats::safetensors::{Checkpoint, Dtype};
 use formats::GgmlType;
 use serde_json::{json, Value};
 
 use super::config::ModelConfig;
 use super::names::{self, QkRole};
+use super::packed::{self, PackedFormat, QWEIGHT};
 use super::vocab::Vocab;
 
 /// How a source tensor is stored on disk.
@@ -21,6 +23,9 @@ use super::vocab::Vocab;
 pub enum Storage {
     Ggml(GgmlType),
     Safetensors(Dtype),
+    /// A GPTQ/AWQ linear: several tensors (`qweight`, `qzeros`, `scales`, `g_idx`) that only decode
+    /// together, so it has no raw bytes of its own.
+    Packed(PackedFormat),
 }
 
 impl Storage {
@@ -28,6 +33,7 @@ impl Storage {
         match self {
             Storage::Ggml(t) => t.name(),
             Storage::Safetensors(d) => d.name(),
+            Storage::Packed(f) => f.name(),
         }
     }
 
@@ -35,6 +41,7 @@ impl Storage {
         match self {
             Storage::Ggml(t) => t.bits_per_weight(),
             Storage::Safetensors(d) => d.size() as f64 * 8.0,
+            Storage::Packed(f) => f.bits_per_weight(),
         }
     }
 }
@@ -48,7 +55,7 @@ pub struct SourceTensor {
     /// HF order: outermost first (`[out, in]` for a linear weight).
     pub shape: Vec<usize>,
     pub storage: Storage,
-    /// Name of the tensor in the file it comes from.
+    /// Name of the tensor in the file it comes from; for a packed linear, its module prefix.
     file_name: String,
 }
 
@@ -134,6 +141,7 @@ impl ModelSource {
             bail!("{}: missing config.json (an HF model directory needs one)", config_path.display());
         }
         let config = ModelConfig::from_config_json(&config_path)?;
+        let packing = PackedFormat::from_dir(dir)?;
         let checkpoint = Checkpoint::open(weights)?;
         // The vocabulary is padded to vocab_size, so that must be the embedding's size, not an unchecked
         // number from a text file.
@@ -162,6 +170,33 @@ impl ModelSource {
         let mut tensors = Vec::new();
         for t in checkpoint.tensors() {
             if names::hf_is_ignored(t.name) {
+                continue;
+            }
+            if let Some((prefix, part)) = packed::split_part(t.name) {
+                let Some(format) = packing else {
+                    bail!(
+                        "{}: tensor {:?} is a packed GPTQ/AWQ tensor, but {} has no quantization_config",
+                        t.path.display(),
+                        t.name,
+                        config_path.display()
+                    );
+                };
+                if part != QWEIGHT {
+                    if checkpoint.tensor(&format!("{prefix}.{QWEIGHT}")).is_none() {
+                        bail!("{}: tensor {:?} has no {prefix}.{QWEIGHT} beside it", t.path.display(), t.name);
+                    }
+                    continue;
+                }
+                let hf_name = format!("{prefix}.weight");
+                let gguf_name = names::hf_to_gguf(&hf_name)
+                    .with_context(|| format!("{}: tensor {:?} has no GGUF name", t.path.display(), t.name))?;
+                tensors.push(SourceTensor {
+                    gguf_name,
+                    hf_name: Some(hf_name),
+                    shape: format.shape_of(&checkpoint, prefix)?.to_vec(),
+                    storage: Storage::Packed(format),
+                    file_name: prefix.to_string(),
+                });
                 continue;
             }
             let gguf_name = names::hf_to_gguf(t.name)
@@ -222,14 +257,39 @@ impl ModelSource {
 
     /// Bytes of tensor data.
     pub fn data_bytes(&self) -> u64 {
-        self.tensors.iter().map(|t| self.raw(t).len() as u64).sum()
+        self.tensors.iter().map(|t| self.stored_bytes(t)).sum()
+    }
+
+    /// Bytes the tensor takes in its file(s).
+    pub fn stored_bytes(&self, t: &SourceTensor) -> u64 {
+        match (&self.files, t.storage) {
+            (Files::Hf(c), Storage::Packed(f)) => f.stored_bytes(c, &t.file_name),
+            _ => self.raw(t).len() as u64,
+        }
     }
 
     /// The tensor's bytes as stored.
+    ///
+    /// # Panics
+    /// For a [`Storage::Packed`] tensor, which has no bytes of its own: those are read through
+    /// [`packed`](Self::packed) or decoded by the `load_*` methods.
     pub fn raw(&self, t: &SourceTensor) -> &[u8] {
         match &self.files {
             Files::Gguf(f) => f.tensor_data(f.tensor(&t.file_name).expect("listed tensors exist")),
+            Files::Hf(_) if matches!(t.storage, Storage::Packed(_)) => {
+                panic!("tensor {} is packed GPTQ/AWQ data, which has no raw bytes", t.gguf_name)
+            }
             Files::Hf(c) => c.tensor(&t.file_name).expect("listed tensors exist").data,
+        }
+    }
+
+    /// A packed GPTQ/AWQ linear's codes, true zero points, scales and groups, in HF row order.
+    pub fn packed(&self, t: &SourceTensor) -> Result<UnpackedWeights> {
+        match (&self.files, t.storage) {
+            (Files::Hf(c), Storage::Packed(f)) => {
+                f.load(c, &t.file_name).with_context(|| format!("{}: tensor {}", self.path.display(), t.gguf_name))
+            }
+            _ => bail!("{}: tensor {} is not a packed GPTQ/AWQ linear", self.path.display(), t.gguf_name),
         }
     }
 
@@ -237,6 +297,7 @@ impl ModelSource {
     fn decode(&self, t: &SourceTensor) -> Result<Vec<f32>> {
         match &self.files {
             Files::Gguf(f) => Ok(f.dequantize(f.tensor(&t.file_name).expect("listed tensors exist"))?),
+            Files::Hf(_) if matches!(t.storage, Storage::Packed(_)) => Ok(self.packed(t)?.dequantize()),
             Files::Hf(c) => Ok(c.tensor(&t.file_name).expect("listed tensors exist").to_f32()?),
         }
     }
@@ -263,7 +324,10 @@ impl ModelSource {
     pub fn release(&self, t: &SourceTensor) {
         match &self.files {
             Files::Gguf(f) => f.release(f.tensor(&t.file_name).expect("listed tensors exist")),
-            Files::Hf(c) => c.release(&t.file_name),
+            Files::Hf(c) => match t.storage {
+                Storage::Packed(f) => f.release(c, &t.file_name),
+                _ => c.release(&t.file_name),
+            },
         }
     }
 

@@ -7,19 +7,25 @@
 //! writer thread that writes one tensor while the next is encoded, so memory stays bounded by two
 //! tensors' output.
 //! Tensors are written in llama-quantize's order, so files from the same input line up byte for byte.
+//! [`quantize_gptq`] and [`quantize_awq`] keep the plan but take the block tensors from a calibrated
+//! method run layer by layer, writing each layer as it is done ([`LayerWriter`]).
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
+use calibration::CalibrationSet;
 use formats::gguf::{GgufWriter, MetadataValue, TensorPlan};
 use formats::output::ensure_distinct;
 use formats::GgmlType;
 use indicatif::ProgressBar;
 
+use super::awq::{self, AwqConfig, AwqItem, AwqReport};
+use super::gptq;
+use super::gptq::blocks::{gptq_blocks, BlockGptqConfig};
 use super::imatrix::Imatrix;
 use super::presets::{plan, ModelShape, PlanOptions, Preset, TensorDesc, TensorTypeRule};
 use super::tensor::{quantize_rows, Rows};
@@ -27,6 +33,8 @@ use crate::convert::FloatType;
 use crate::model::source::{SourceTensor, Storage};
 use crate::model::ModelSource;
 use crate::progress::Progress;
+use crate::runtime::forward::BlockLinear;
+use crate::runtime::{Linear, Model};
 
 /// llama.cpp's `GGML_QNT_VERSION`: the block layouts' revision, recorded in every quantized file.
 const QUANTIZATION_VERSION: u32 = 2;
@@ -175,6 +183,19 @@ pub struct QuantizeReport {
 }
 
 impl QuantizeReport {
+    fn of(output: &Path, plan: &ModelPlan, started: Instant) -> Self {
+        QuantizeReport {
+            output: output.to_path_buf(),
+            preset: plan.preset,
+            input_bytes: plan.input_bytes(),
+            output_bytes: plan.output_bytes(),
+            elements: plan.elements(),
+            tensors_by_type: plan.tensors_by_type(),
+            fallbacks: plan.fallbacks(),
+            seconds: started.elapsed().as_secs_f64(),
+        }
+    }
+
     pub fn render(&self) -> String {
         let mut out = format!("wrote {} as {} in {:.2} s\n", self.output.display(), self.preset, self.seconds);
         let _ = writeln!(
@@ -236,31 +257,319 @@ pub fn quantize(input: &Path, output: &Path, opts: &QuantizeOptions) -> Result<Q
     check_feasible(&source, &plan, opts.allow_requantize)?;
 
     let importance = imatrix.as_ref().map(|(m, path)| importance_for(&plan, m, path)).transpose()?;
-    let mut metadata = crate::convert::gguf_metadata(&source, opts.preset.file_type());
+    let metadata = file_metadata(&source, opts, imatrix.as_ref());
+    let writer = GgufWriter::create(output, &metadata, tensor_plans(&plan, 0..plan.steps.len()))?;
+    let bar = opts.progress.bytes_bar("quantize", plan.input_bytes());
+    write_tensors(&source, &plan, importance.as_deref(), writer, &bar)?;
+    bar.finish_and_clear();
+    Ok(QuantizeReport::of(output, &plan, started))
+}
+
+/// The output file's metadata: the source's, then the keys llama-quantize adds.
+fn file_metadata(
+    source: &ModelSource,
+    opts: &QuantizeOptions,
+    imatrix: Option<&(Imatrix, &Path)>,
+) -> Vec<(String, MetadataValue)> {
+    let mut metadata = crate::convert::gguf_metadata(source, opts.preset.file_type());
     // llama-quantize sets these two last, in this order; doing the same keeps the whole file identical
     // to its output for the same input.
     metadata.retain(|(k, _)| k != "general.file_type");
     metadata.push(("general.quantization_version".into(), MetadataValue::U32(QUANTIZATION_VERSION)));
     metadata.push(("general.file_type".into(), MetadataValue::U32(opts.preset.file_type())));
-    if let Some((m, path)) = &imatrix {
+    if let Some((m, path)) = imatrix {
         metadata.extend(imatrix_metadata(m, path));
     }
-    let tensor_plans =
-        plan.steps.iter().map(|s| TensorPlan { name: s.name.clone(), dims: s.dims.clone(), ggml_type: s.to }).collect();
-    let writer = GgufWriter::create(output, &metadata, tensor_plans)?;
-    let bar = opts.progress.bytes_bar("quantize", plan.input_bytes());
-    write_tensors(&source, &plan, importance.as_deref(), writer, &bar)?;
-    bar.finish_and_clear();
-    Ok(QuantizeReport {
-        output: output.to_path_buf(),
-        preset: opts.preset,
-        input_bytes: plan.input_bytes(),
-        output_bytes: plan.output_bytes(),
-        elements: plan.elements(),
-        tensors_by_type: plan.tensors_by_type(),
-        fallbacks: plan.fallbacks(),
-        seconds: started.elapsed().as_secs_f64(),
+    metadata
+}
+
+/// The writer's plan for the steps `order` lists, in that order.
+fn tensor_plans(plan: &ModelPlan, order: impl IntoIterator<Item = usize>) -> Vec<TensorPlan> {
+    order
+        .into_iter()
+        .map(|i| &plan.steps[i])
+        .map(|s| TensorPlan { name: s.name.clone(), dims: s.dims.clone(), ggml_type: s.to })
+        .collect()
+}
+
+/// GPTQ's settings for [`quantize_gptq`].
+#[derive(Clone, Debug)]
+pub struct GgufGptqOptions {
+    /// Fraction of the mean Hessian diagonal added to the diagonal.
+    pub damp: f64,
+    /// Within each block, quantize columns by decreasing Hessian diagonal.
+    pub act_order: bool,
+}
+
+impl Default for GgufGptqOptions {
+    fn default() -> Self {
+        Self { damp: 0.01, act_order: false }
+    }
+}
+
+/// Quantizes `input` into the GGUF file `output` with the same per-tensor plan as [`quantize`], but the
+/// block linears' blocks come from GPTQ ([`gptq_blocks`]) run layer by layer on `calib`. Each block is
+/// fitted by its format's own encoder weighted by the Hessian diagonal (times the imatrix, if
+/// `opts.imatrix` is given); every other tensor is encoded as [`quantize`] does.
+///
+/// Written layer by layer as [`LayerWriter`] says. Input must be GGUF, whose q/k rows are already in
+/// llama.cpp's order (the order GPTQ sees and the file stores).
+pub fn quantize_gptq(
+    input: &Path,
+    output: &Path,
+    opts: &QuantizeOptions,
+    calib: &CalibrationSet,
+    gptq: &GgufGptqOptions,
+) -> Result<QuantizeReport> {
+    quantize_layers(input, output, opts, "GPTQ", |model, out| {
+        gptq::pipeline::run(model, calib, opts.progress, |job| {
+            let i = out.step_of(job.name)?;
+            let to = out.plan.steps[i].to;
+            let importance = out.importance(i);
+            let (bytes, dequantized) = match to.traits().grid {
+                Some(_) => {
+                    let config = BlockGptqConfig { ty: to, damp: gptq.damp, act_order: gptq.act_order };
+                    let out = gptq_blocks(job.weights, job.rows, job.cols, job.hessian, importance, &config)
+                        .with_context(|| format!("{}: tensor '{}': GPTQ failed", input.display(), job.name))?;
+                    (out.bytes, out.dequantized)
+                }
+                // A type without levels to choose (a float type a rule keeps): stored as it encodes.
+                None => {
+                    let bytes = out.encode(i, job.weights, job.cols)?;
+                    let mut dequantized = vec![0f32; job.weights.len()];
+                    to.dequantize(&bytes, &mut dequantized).map_err(|e| anyhow!("{}: {e}", job.name))?;
+                    (bytes, dequantized)
+                }
+            };
+            out.produced(i, bytes)?;
+            Ok(dequantized)
+        })?;
+        Ok(())
     })
+}
+
+/// Quantizes `input` into the GGUF file `output` with the same per-tensor plan as [`quantize`], from
+/// the AWQ-folded model ([`awq::quantize`] run layer by layer on `calib`): its folded norms and its
+/// folded, clipped f32 linears are encoded with their planned types as [`quantize`] encodes any tensor
+/// (with the imatrix, if `opts.imatrix` is given); every other tensor is encoded as [`quantize`] does.
+///
+/// Written layer by layer as [`LayerWriter`] says. Input must be GGUF (q/k rows in llama.cpp's order).
+pub fn quantize_awq(
+    input: &Path,
+    output: &Path,
+    opts: &QuantizeOptions,
+    calib: &CalibrationSet,
+    config: &AwqConfig,
+) -> Result<(QuantizeReport, AwqReport)> {
+    let mut awq_report = AwqReport::default();
+    let report = quantize_layers(input, output, opts, "AWQ", |model, out| {
+        awq_report = awq::quantize(model, calib, config, opts.progress, |item| {
+            let (name, values, row_len) = match item {
+                AwqItem::Norm { name, values } => (name, values, values.len()),
+                AwqItem::Linear { name, cols, scaled, .. } => (name, scaled, cols),
+            };
+            let i = out.step_of(name)?;
+            let importance = match (out.importance(i), item) {
+                (Some(w), AwqItem::Linear { rows, cols, scaled, .. }) => {
+                    let original = original_linear(model, name)?;
+                    let s = column_scales(&original, scaled, rows, cols);
+                    Some(w.iter().zip(s).map(|(&w, s)| w / (s * s)).collect::<Vec<f32>>())
+                }
+                (w, _) => w.map(<[f32]>::to_vec),
+            };
+            let bytes = out.encode_with(i, values, row_len, importance.as_deref())?;
+            out.produced(i, bytes)
+        })?;
+        Ok(())
+    })?;
+    Ok((report, awq_report))
+}
+
+/// The f32 weights of the block linear `name` (`blk.N.<linear>`) as the model stores them.
+fn original_linear(model: &Model, name: &str) -> Result<Vec<f32>> {
+    let (layer, linear) = name
+        .strip_prefix("blk.")
+        .and_then(|rest| rest.split_once('.'))
+        .and_then(|(l, tail)| {
+            let layer = model.layers.get(l.parse::<usize>().ok()?)?;
+            Some((layer, BlockLinear::ALL.into_iter().find(|b| b.gguf_name() == tail)?))
+        })
+        .ok_or_else(|| anyhow!("'{name}' is not a block linear of the model"))?;
+    let weights = linear.of(layer);
+    let mut w = vec![0f32; weights.out_features() * weights.in_features()];
+    weights.decode_rows(0..weights.out_features(), &mut w);
+    Ok(w)
+}
+
+/// The factor AWQ multiplied each input column by (the factor its input channel was divided by):
+/// `scaled / original` at the column's smallest nonzero original weight, which clipping (it trims
+/// only a group's extremes) leaves as scaling made it; 1 for an all-zero column.
+fn column_scales(original: &[f32], scaled: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    (0..cols)
+        .map(|j| {
+            let smallest = (0..rows)
+                .map(|r| r * cols + j)
+                .filter(|&k| original[k] != 0.0)
+                .min_by(|&a, &b| original[a].abs().total_cmp(&original[b].abs()));
+            smallest.map_or(1.0, |k| scaled[k] / original[k])
+        })
+        .collect()
+}
+
+/// Opens `input`, plans it as [`quantize`] would, and has `produce` run `method` over the loaded model,
+/// handing each block tensor's bytes to the [`LayerWriter`]; writes what it did not produce itself.
+fn quantize_layers(
+    input: &Path,
+    output: &Path,
+    opts: &QuantizeOptions,
+    method: &str,
+    produce: impl FnOnce(&Model, &mut LayerWriter) -> Result<()>,
+) -> Result<QuantizeReport> {
+    ensure_distinct(input, output)?;
+    if output.is_dir() {
+        bail!("{}: is a directory; GGUF output is a single file", output.display());
+    }
+    let started = Instant::now();
+    let source = ModelSource::open(input)?;
+    if !source.is_gguf() {
+        bail!(
+            "{}: {method} into GGUF reads a GGUF model (its q/k rows in llama.cpp's order); convert it first \
+             with `qforge convert {} -o MODEL.gguf --to gguf`",
+            input.display(),
+            input.display()
+        );
+    }
+    let imatrix = read_imatrix(opts)?;
+    let plan = plan_model(&source, opts, imatrix.is_some())?;
+    check_feasible(&source, &plan, opts.allow_requantize)?;
+    let importance = imatrix.as_ref().map(|(m, path)| importance_for(&plan, m, path)).transpose()?;
+    let model = Model::load(&source)?;
+    let layered = LayeredPlan::new(&plan, model.layers.len());
+    let metadata = file_metadata(&source, opts, imatrix.as_ref());
+    let writer = GgufWriter::create(output, &metadata, tensor_plans(&plan, layered.order()))?;
+    let mut out = LayerWriter {
+        source: &source,
+        plan: &plan,
+        layered,
+        importance,
+        writer,
+        written: 0,
+        produced: BTreeMap::new(),
+    };
+    produce(&model, &mut out)?;
+    out.write_up_to(out.layered.order.len())?;
+    out.writer.finish()?;
+    Ok(QuantizeReport::of(output, &plan, started))
+}
+
+/// Writes a layered quantization's output: each layer's tensors together, in plan order within the
+/// layer (see [`LayeredPlan`]). A method hands over a block tensor's bytes as it produces them; once it
+/// has moved on to a later layer, everything before that layer is written (what it did not produce
+/// encoded as [`quantize`] does), so memory holds at most one layer's output.
+struct LayerWriter<'a> {
+    source: &'a ModelSource,
+    plan: &'a ModelPlan,
+    layered: LayeredPlan,
+    importance: Option<Vec<Option<Vec<f32>>>>,
+    writer: GgufWriter,
+    /// The first `written` steps of the output order are written.
+    written: usize,
+    /// Produced bytes waiting for their turn, by step.
+    produced: BTreeMap<usize, Vec<u8>>,
+}
+
+impl LayerWriter<'_> {
+    /// The step of the planned tensor `name`.
+    fn step_of(&self, name: &str) -> Result<usize> {
+        let i = self.layered.by_name.get(name).copied();
+        i.ok_or_else(|| anyhow!("{}: no planned tensor '{name}'", self.source.path.display()))
+    }
+
+    fn importance(&self, i: usize) -> Option<&[f32]> {
+        self.importance.as_ref().and_then(|w| w[i].as_deref())
+    }
+
+    /// `values` (rows of `row_len`) encoded with step `i`'s type and importance.
+    fn encode(&self, i: usize, values: &[f32], row_len: usize) -> Result<Vec<u8>> {
+        self.encode_with(i, values, row_len, self.importance(i))
+    }
+
+    fn encode_with(&self, i: usize, values: &[f32], row_len: usize, importance: Option<&[f32]>) -> Result<Vec<u8>> {
+        let step = &self.plan.steps[i];
+        quantize_rows(Rows::F32(values), row_len, step.to, importance)
+            .map_err(|e| anyhow!("{}: tensor '{}': {e}", self.source.path.display(), step.name))
+    }
+
+    /// Takes step `i`'s output, first writing everything that comes before its layer.
+    fn produced(&mut self, i: usize, bytes: Vec<u8>) -> Result<()> {
+        self.write_up_to(self.layered.end_before_layer_of(i))?;
+        if let Origin::Source(t) = self.plan.steps[i].origin {
+            self.source.release(&self.source.tensors()[t]);
+        }
+        self.produced.insert(i, bytes);
+        Ok(())
+    }
+
+    /// Writes the output order's entries up to `end`.
+    fn write_up_to(&mut self, end: usize) -> Result<()> {
+        for &i in &self.layered.order[self.written.min(end)..end] {
+            let step = &self.plan.steps[i];
+            match self.produced.remove(&i) {
+                Some(bytes) => self.writer.write_tensor(&step.name, &bytes)?,
+                None => {
+                    let importance = self.importance.as_ref().and_then(|w| w[i].as_deref());
+                    let encoded = encode_step(self.source, step, importance)?;
+                    self.writer.write_tensor(encoded.name, &encoded.bytes)?;
+                    if let Some(t) = encoded.release {
+                        self.source.release(t);
+                    }
+                }
+            }
+        }
+        self.written = self.written.max(end);
+        Ok(())
+    }
+}
+
+/// The plan's steps grouped by layer: tensors before the first layer's (in plan order), then each
+/// layer's `blk.N.` tensors in plan order, then the rest.
+struct LayeredPlan {
+    /// Step indices in output order.
+    order: Vec<usize>,
+    /// Per entry of `order`: 0 before the layers, `l + 1` for layer `l`, one more after them.
+    keys: Vec<usize>,
+    /// Per step, its entry's key.
+    step_keys: Vec<usize>,
+    by_name: HashMap<String, usize>,
+}
+
+impl LayeredPlan {
+    fn new(plan: &ModelPlan, layers: usize) -> Self {
+        let layer_of = |name: &str| -> Option<usize> {
+            name.strip_prefix("blk.")?.split('.').next()?.parse().ok().filter(|&l| l < layers)
+        };
+        let first_layer_step = plan.steps.iter().position(|s| layer_of(&s.name).is_some()).unwrap_or(0);
+        let key = |i: usize| match layer_of(&plan.steps[i].name) {
+            Some(l) => l + 1,
+            None if i < first_layer_step => 0,
+            None => layers + 1,
+        };
+        let step_keys: Vec<usize> = (0..plan.steps.len()).map(key).collect();
+        let mut order: Vec<usize> = (0..plan.steps.len()).collect();
+        order.sort_by_key(|&i| step_keys[i]);
+        let keys = order.iter().map(|&i| step_keys[i]).collect();
+        let by_name = plan.steps.iter().enumerate().map(|(i, s)| (s.name.clone(), i)).collect();
+        Self { order, keys, step_keys, by_name }
+    }
+
+    fn order(&self) -> impl Iterator<Item = usize> + '_ {
+        self.order.iter().copied()
+    }
+
+    /// How many entries of the order come before the tensors of step `i`'s layer.
+    fn end_before_layer_of(&self, i: usize) -> usize {
+        self.keys.partition_point(|&k| k < self.step_keys[i])
+    }
 }
 
 /// Encodes the plan's tensors in order and writes them. A writer thread takes each tensor's bytes
@@ -360,6 +669,8 @@ fn current_type(source: &ModelSource, storage: Storage, rank: usize, name: &str)
     match storage {
         Storage::Ggml(t) => Ok(t),
         Storage::Safetensors(_) if rank == 1 => Ok(GgmlType::F32),
+        // A GPTQ/AWQ linear is dequantized exactly, to f32.
+        Storage::Packed(_) => Ok(GgmlType::F32),
         Storage::Safetensors(d) => FloatType::of_storage(storage).map(FloatType::ggml).ok_or_else(|| {
             anyhow!(
                 "{}: tensor '{name}' is stored as {}; qforge quantizes F32, F16 and BF16 checkpoints",
@@ -379,7 +690,7 @@ pub fn plan_model(source: &ModelSource, opts: &QuantizeOptions, has_imatrix: boo
         let current = current_type(source, t.storage, t.shape.len(), &t.gguf_name)?;
         descs.push(TensorDesc { name: t.gguf_name.clone(), dims: t.gguf_dims(), current });
         origins.push(Some(Origin::Source(i)));
-        input_bytes.push(source.raw(t).len() as u64);
+        input_bytes.push(source.stored_bytes(t));
     }
     if let Some((rope, values)) = crate::convert::rope_freqs_tensor(source) {
         input_bytes.push(values.len() as u64 * 4);
@@ -497,4 +808,19 @@ fn imatrix_metadata(imatrix: &Imatrix, path: &Path) -> Vec<(String, MetadataValu
         kv.push(("quantize.imatrix.chunks_count".into(), MetadataValue::U32(imatrix.chunk_count)));
     }
     kv
+}
+
+#[cfg(test)]
+mod tests {
+    use super::column_scales;
+
+    #[test]
+    fn column_scales_recover_awq_scaling_past_clipped_extremes() {
+        // Column 0 scaled by 2, column 1 by 0.5; then column 0's largest entry clipped (-6 to -4).
+        let original = [1.0, -4.0, 0.25, 2.0, -3.0, 0.0];
+        let mut scaled: Vec<f32> = original.iter().enumerate().map(|(k, &w)| w * [2.0, 0.5][k % 2]).collect();
+        scaled[4] = -4.0;
+        assert_eq!(column_scales(&original, &scaled, 3, 2), vec![2.0, 0.5]);
+        assert_eq!(column_scales(&[0.0, 1.0], &[0.0, 3.0], 1, 2), vec![1.0, 3.0], "an all-zero column keeps 1");
+    }
 }

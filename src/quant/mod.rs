@@ -8,10 +8,15 @@
 //! - [`file`]: `qforge quantize`, a whole model streamed tensor by tensor into a quantized GGUF.
 //! - [`gptq`]: GPTQ for one linear layer (Hessian accumulation, error-feedback rounding) and RTN on the
 //!   same grouped integer grid.
+//! - [`method`]: `qforge quantize --method --format`: validation and orchestration of each pair.
+//! - [`packed_export`]: GPTQ/AWQ Hugging Face directories (packed integer linears, f16 elsewhere).
 
+pub mod awq;
 pub mod file;
 pub mod gptq;
 pub mod imatrix;
+pub mod method;
+pub mod packed_export;
 pub mod presets;
 pub mod tensor;
 

@@ -16,6 +16,8 @@ use super::math;
 
 /// Query rows attended together.
 const QUERY_BLOCK: usize = 32;
+/// Fewest query rows that take the AVX-512 kernel, which packs the keys first.
+const PACKED_KEYS_MIN_ROWS: usize = 8;
 
 /// Head counts and size.
 #[derive(Clone, Copy, Debug)]
@@ -98,8 +100,12 @@ impl KvCache {
 pub fn attention(q: &[f32], keys: &[f32], values: &[f32], heads: Heads, first_pos: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     // The kernel reads values in place as panels of 32 dimensions, so the head size must be a
-    // multiple of 32.
-    if heads.dim.is_multiple_of(32) && std::arch::is_x86_feature_detected!("avx512f") {
+    // multiple of 32. It packs every cached key per call, which only pays for itself over a batch of
+    // queries: single tokens (generation) read the keys in place through faer.
+    if heads.dim.is_multiple_of(32)
+        && q.len() >= PACKED_KEYS_MIN_ROWS * heads.q_width()
+        && std::arch::is_x86_feature_detected!("avx512f")
+    {
         // SAFETY: the CPU has AVX-512F.
         return unsafe { avx512::attention(q, keys, values, heads, first_pos, out) };
     }
@@ -240,16 +246,17 @@ mod tests {
     #[test]
     fn every_path_matches_the_f64_reference() {
         let mut rng = Rng(11);
-        // Two query blocks (the second partial) after 7 cached positions, and a whole first chunk.
-        for (dim, first_pos, n) in [(64, 7, 45), (64, 0, 33), (32, 3, 5), (16, 2, 40)] {
+        // Two query blocks (the second partial) after 7 cached positions, a whole first chunk, and
+        // single tokens after a cache (generation).
+        for (dim, first_pos, n) in [(64, 7, 45), (64, 0, 33), (32, 3, 5), (16, 2, 40), (64, 20, 1)] {
             let heads = Heads { query: 6, kv: 2, dim };
             let total = first_pos + n;
             let mut fill = |len: usize| -> Vec<f32> { (0..len).map(|_| 2.0 * rng.f32()).collect() };
             let (q, keys, values) =
                 (fill(n * heads.q_width()), fill(total * heads.kv_width()), fill(total * heads.kv_width()));
             let want = reference(&q, &keys, &values, heads, first_pos);
-            let mut paths: Vec<(&str, fn(&[f32], &[f32], &[f32], Heads, usize, &mut [f32]))> =
-                vec![("dispatched", attention), ("faer", attention_faer)];
+            type Path = fn(&[f32], &[f32], &[f32], Heads, usize, &mut [f32]);
+            let mut paths: Vec<(&str, Path)> = vec![("dispatched", attention), ("faer", attention_faer)];
             #[cfg(target_arch = "x86_64")]
             if dim % 32 == 0 && std::arch::is_x86_feature_detected!("avx512f") {
                 // SAFETY: the CPU has AVX-512F and the head size is a multiple of 32.

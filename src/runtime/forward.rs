@@ -6,15 +6,15 @@
 //! (what `llama-imatrix` collects); [`Model::forward`] passes the no-op `()` observer, which compiles
 //! away.
 
-use std::ops::Range;
+use std::ops::{ControlFlow, Range};
 
 use anyhow::{bail, Result};
 use rayon::prelude::*;
 
 use super::attention::{attention, KvCache};
-use super::kernels::{GgmlLinear, Linear};
+use super::kernels::Linear;
 use super::math;
-use super::model::{Layer, Model};
+use super::model::{Layer, LayerLinear, Model};
 use super::rope::RopeTable;
 
 /// Activation buffers for one batch, sized once and reused by every layer (as llama2.c's `RunState`).
@@ -80,7 +80,7 @@ impl BlockLinear {
     }
 
     /// This linear layer of `layer`.
-    pub fn of<'l, 'a>(self, layer: &'l Layer<'a>) -> &'l GgmlLinear<'a> {
+    pub fn of<'l, 'a>(self, layer: &'l Layer<'a>) -> &'l LayerLinear<'a> {
         match self {
             Self::AttnQ => &layer.wq,
             Self::AttnK => &layer.wk,
@@ -98,6 +98,13 @@ pub trait LinearObserver {
     /// `x` is the input of `linear` in block `layer`: `tokens × in_features`, row-major, one row per
     /// token of the batch.
     fn observe(&mut self, layer: usize, linear: BlockLinear, x: &[f32]);
+
+    /// Whether the observer has seen all it needs: [`Model::block_forward`] then stops before the next
+    /// linear, leaving `x` partly updated, and [`Model::forward_observed`] fails.
+    #[inline(always)]
+    fn done(&self) -> bool {
+        false
+    }
 }
 
 /// Observes nothing: the plain forward pass.
@@ -115,7 +122,10 @@ impl Model<'_> {
     /// Runs `tokens`, which follow the positions already in `cache`, through the model and returns
     /// the logits (`outputs.len() × vocab`, row-major) of the batch rows in `outputs`.
     pub fn forward(&self, cache: &mut KvCache, tokens: &[u32], outputs: Range<usize>) -> Result<Vec<f32>> {
-        self.forward_observed(cache, tokens, outputs, &mut ())
+        // Runs on a pool thread: called from outside the pool, each of the pass's ~200 parallel
+        // products would hand its work to the pool and put the caller to sleep until it is done (two
+        // thread switches per product, which dominate a one-token pass on small models).
+        rayon::scope(|_| self.forward_observed(cache, tokens, outputs, &mut ()))
     }
 
     /// [`forward`](Self::forward), showing `observer` the input of every block's linear layers.
@@ -137,8 +147,10 @@ impl Model<'_> {
         let mut buf = Buffers::new(self, n);
         let mut x = self.embed(tokens)?;
         for (l, layer) in self.layers.iter().enumerate() {
-            self.attention_block(layer, l, &mut x, cache, &rope, &mut buf, observer);
-            self.mlp_block(layer, l, &mut x, &mut buf, observer);
+            let attention = self.attention_block(layer, l, &mut x, cache, &rope, &mut buf, observer);
+            if attention.is_break() || self.mlp_block(layer, l, &mut x, &mut buf, observer).is_break() {
+                bail!("the observer stopped the forward pass in block {l}");
+            }
         }
         cache.advance(n);
         let hidden = self.config.hidden_size;
@@ -151,12 +163,19 @@ impl Model<'_> {
 
     /// Runs block `l` with the weights `layer` (the model's own, or stand-ins such as GPTQ's quantized
     /// ones) over `x`, one whole sequence from position 0 (`tokens × hidden`), updating it in place.
-    pub fn block_forward<O: LinearObserver + ?Sized>(&self, layer: &Layer, l: usize, x: &mut [f32], observer: &mut O) {
+    /// Breaks as soon as `observer` is [done](LinearObserver::done).
+    pub fn block_forward<O: LinearObserver + ?Sized>(
+        &self,
+        layer: &Layer,
+        l: usize,
+        x: &mut [f32],
+        observer: &mut O,
+    ) -> ControlFlow<()> {
         let n = x.len() / self.config.hidden_size;
         let mut cache = self.new_cache(n);
         let mut buf = Buffers::new(self, n);
-        self.attention_block(layer, l, x, &mut cache, &self.rope.table(0..n), &mut buf, observer);
-        self.mlp_block(layer, l, x, &mut buf, observer);
+        self.attention_block(layer, l, x, &mut cache, &self.rope.table(0..n), &mut buf, observer)?;
+        self.mlp_block(layer, l, x, &mut buf, observer)
     }
 
     /// The embedding rows of `tokens` (`tokens × hidden`).
@@ -182,12 +201,10 @@ impl Model<'_> {
         rope: &RopeTable,
         buf: &mut Buffers,
         observer: &mut O,
-    ) {
+    ) -> ControlFlow<()> {
         buf.h.copy_from_slice(x);
         rms_norm(&mut buf.h, &layer.attn_norm, self.config.rms_norm_eps);
-        for linear in [BlockLinear::AttnQ, BlockLinear::AttnK, BlockLinear::AttnV] {
-            observer.observe(l, linear, &buf.h);
-        }
+        show(observer, l, &[BlockLinear::AttnQ, BlockLinear::AttnK, BlockLinear::AttnV], &buf.h)?;
         layer.wq.forward(&buf.h, &mut buf.q);
         layer.wk.forward(&buf.h, &mut buf.k);
         layer.wv.forward(&buf.h, &mut buf.v);
@@ -202,9 +219,10 @@ impl Model<'_> {
         cache.append(l, &buf.k, &buf.v);
         let (keys, values) = cache.layer(l);
         attention(&buf.q, keys, values, self.heads, first_pos, &mut buf.att);
-        observer.observe(l, BlockLinear::AttnOutput, &buf.att);
+        show(observer, l, &[BlockLinear::AttnOutput], &buf.att)?;
         layer.wo.forward(&buf.att, &mut buf.out);
         add(x, &buf.out);
+        ControlFlow::Continue(())
     }
 
     fn mlp_block<O: LinearObserver + ?Sized>(
@@ -214,18 +232,31 @@ impl Model<'_> {
         x: &mut [f32],
         buf: &mut Buffers,
         observer: &mut O,
-    ) {
+    ) -> ControlFlow<()> {
         buf.h.copy_from_slice(x);
         rms_norm(&mut buf.h, &layer.ffn_norm, self.config.rms_norm_eps);
-        observer.observe(l, BlockLinear::FfnGate, &buf.h);
-        observer.observe(l, BlockLinear::FfnUp, &buf.h);
+        show(observer, l, &[BlockLinear::FfnGate, BlockLinear::FfnUp], &buf.h)?;
         layer.w_gate.forward(&buf.h, &mut buf.gate);
         layer.w_up.forward(&buf.h, &mut buf.up);
         let ffn = self.config.intermediate_size;
         buf.gate.par_chunks_mut(ffn).zip(buf.up.par_chunks(ffn)).for_each(|(g, u)| math::silu_mul(g, u));
-        observer.observe(l, BlockLinear::FfnDown, &buf.gate);
+        show(observer, l, &[BlockLinear::FfnDown], &buf.gate)?;
         layer.w_down.forward(&buf.gate, &mut buf.out);
         add(x, &buf.out);
+        ControlFlow::Continue(())
+    }
+}
+
+/// Shows `observer` the input `x` of `linears` (which share it), and breaks once it is done.
+#[inline(always)]
+fn show<O: LinearObserver + ?Sized>(observer: &mut O, l: usize, linears: &[BlockLinear], x: &[f32]) -> ControlFlow<()> {
+    for &linear in linears {
+        observer.observe(l, linear, x);
+    }
+    if observer.done() {
+        ControlFlow::Break(())
+    } else {
+        ControlFlow::Continue(())
     }
 }
 

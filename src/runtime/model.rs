@@ -2,15 +2,20 @@
 //! opened [`ModelSource`].
 //!
 //! Matrices become [`GgmlLinear`]s over the mapped bytes (safetensors F32/F16/BF16 have the same byte
-//! layout as the GGML types of those names); only the small vectors (norms, biases, RoPE factors) are
-//! decoded to f32. Rows keep the file's order, and the RoPE pair layout follows from it.
+//! layout as the GGML types of those names); GPTQ/AWQ linears are repacked once into a
+//! [`PackedLinear`] of about their stored size; only the small vectors (norms, biases, RoPE factors)
+//! are decoded to f32. Rows keep the file's order, and the RoPE pair layout follows from it.
+
+use std::ops::Range;
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use formats::safetensors::Dtype;
 use formats::GgmlType;
 
 use super::attention::Heads;
-use super::kernels::GgmlLinear;
+use super::kernels::packed::PackedLinear;
+use super::kernels::{DecodeRows, GgmlLinear, Linear};
 use super::rope::{PairLayout, Rope};
 use crate::model::source::Storage;
 use crate::model::{ModelConfig, ModelSource, SourceTensor};
@@ -18,16 +23,74 @@ use crate::model::{ModelConfig, ModelSource, SourceTensor};
 /// Weights of one transformer block.
 pub struct Layer<'a> {
     pub attn_norm: Vec<f32>,
-    pub wq: GgmlLinear<'a>,
-    pub wk: GgmlLinear<'a>,
-    pub wv: GgmlLinear<'a>,
+    pub wq: LayerLinear<'a>,
+    pub wk: LayerLinear<'a>,
+    pub wv: LayerLinear<'a>,
     /// q/k/v biases (Qwen2).
     pub bias: Option<QkvBias>,
-    pub wo: GgmlLinear<'a>,
+    pub wo: LayerLinear<'a>,
     pub ffn_norm: Vec<f32>,
-    pub w_gate: GgmlLinear<'a>,
-    pub w_up: GgmlLinear<'a>,
-    pub w_down: GgmlLinear<'a>,
+    pub w_gate: LayerLinear<'a>,
+    pub w_up: LayerLinear<'a>,
+    pub w_down: LayerLinear<'a>,
+}
+
+/// A block linear's weights: a GGML-typed matrix borrowed from the mapped file, or GPTQ/AWQ codes
+/// repacked at load (shared, so copies of a layer cost nothing).
+#[derive(Clone, Debug)]
+pub enum LayerLinear<'a> {
+    Ggml(GgmlLinear<'a>),
+    Packed(Arc<PackedLinear>),
+}
+
+impl LayerLinear<'_> {
+    pub fn rows(&self) -> usize {
+        self.decoder().rows()
+    }
+
+    pub fn cols(&self) -> usize {
+        self.decoder().cols()
+    }
+
+    /// Decodes the weight rows in `rows` into `dst` (`rows.len() × cols`): the f32 weights the
+    /// products use.
+    pub fn decode_rows(&self, rows: Range<usize>, dst: &mut [f32]) {
+        self.decoder().decode_rows(rows, dst)
+    }
+
+    fn decoder(&self) -> &dyn DecodeRows {
+        match self {
+            LayerLinear::Ggml(w) => w,
+            LayerLinear::Packed(w) => w.as_ref(),
+        }
+    }
+
+    fn linear(&self) -> &dyn Linear {
+        match self {
+            LayerLinear::Ggml(w) => w,
+            LayerLinear::Packed(w) => w.as_ref(),
+        }
+    }
+}
+
+impl<'a> From<GgmlLinear<'a>> for LayerLinear<'a> {
+    fn from(w: GgmlLinear<'a>) -> Self {
+        LayerLinear::Ggml(w)
+    }
+}
+
+impl Linear for LayerLinear<'_> {
+    fn in_features(&self) -> usize {
+        self.linear().in_features()
+    }
+
+    fn out_features(&self) -> usize {
+        self.linear().out_features()
+    }
+
+    fn forward(&self, x: &[f32], y: &mut [f32]) {
+        self.linear().forward(x, y)
+    }
 }
 
 pub struct QkvBias {
@@ -68,15 +131,15 @@ impl<'a> Model<'a> {
                 };
                 Ok(Layer {
                     attn_norm: loader.vector(&name("attn_norm.weight"), hidden)?,
-                    wq: loader.matrix(&name("attn_q.weight"), q_width, hidden)?,
-                    wk: loader.matrix(&name("attn_k.weight"), kv_width, hidden)?,
-                    wv: loader.matrix(&name("attn_v.weight"), kv_width, hidden)?,
+                    wq: loader.linear(&name("attn_q.weight"), q_width, hidden)?,
+                    wk: loader.linear(&name("attn_k.weight"), kv_width, hidden)?,
+                    wv: loader.linear(&name("attn_v.weight"), kv_width, hidden)?,
                     bias,
-                    wo: loader.matrix(&name("attn_output.weight"), hidden, q_width)?,
+                    wo: loader.linear(&name("attn_output.weight"), hidden, q_width)?,
                     ffn_norm: loader.vector(&name("ffn_norm.weight"), hidden)?,
-                    w_gate: loader.matrix(&name("ffn_gate.weight"), ffn, hidden)?,
-                    w_up: loader.matrix(&name("ffn_up.weight"), ffn, hidden)?,
-                    w_down: loader.matrix(&name("ffn_down.weight"), hidden, ffn)?,
+                    w_gate: loader.linear(&name("ffn_gate.weight"), ffn, hidden)?,
+                    w_up: loader.linear(&name("ffn_up.weight"), ffn, hidden)?,
+                    w_down: loader.linear(&name("ffn_down.weight"), hidden, ffn)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -106,6 +169,21 @@ impl<'a> Loader<'a> {
         self.source.tensor(name).with_context(|| format!("{}: tensor {name} is missing", self.source.path.display()))
     }
 
+    /// A block linear: packed GPTQ/AWQ codes are repacked for the runtime, other types borrowed.
+    fn linear(&self, name: &str, rows: usize, cols: usize) -> Result<LayerLinear<'a>> {
+        let t = self.tensor(name)?;
+        if !matches!(t.storage, Storage::Packed(_)) {
+            return Ok(self.matrix(name, rows, cols)?.into());
+        }
+        let fail = |msg: String| anyhow::anyhow!("{}: tensor {name}: {msg}", self.source.path.display());
+        if t.shape != [rows, cols] {
+            return Err(fail(format!("shape {:?}, expected [{rows}, {cols}] from the config", t.shape)));
+        }
+        let packed = PackedLinear::new(&self.source.packed(t)?).map_err(fail)?;
+        self.source.release(t);
+        Ok(LayerLinear::Packed(Arc::new(packed)))
+    }
+
     fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<GgmlLinear<'a>> {
         let t = self.tensor(name)?;
         let fail = |msg: String| anyhow::anyhow!("{}: tensor {name}: {msg}", self.source.path.display());
@@ -118,6 +196,7 @@ impl<'a> Loader<'a> {
             Storage::Safetensors(Dtype::F16) => GgmlType::F16,
             Storage::Safetensors(Dtype::BF16) => GgmlType::BF16,
             Storage::Safetensors(other) => return Err(fail(format!("{} weights are not supported", other.name()))),
+            Storage::Packed(f) => return Err(fail(format!("{} weights are not supported here", f.name()))),
         };
         GgmlLinear::new(ty, rows, cols, self.source.raw(t)).map_err(fail)
     }

@@ -1,6 +1,7 @@
 //! IQ4_NL: blocks of 32 four-bit indices into a fixed non-linear codebook, with an f16 scale
 //! (18 bytes: `f16 d; u8 qs[16]`, nibbles packed as in Q4_0; `x = d·CODEBOOK[q]`).
 
+use super::grid::{block_codes, unpack_nibbles, BlockGrid};
 use super::scale_search;
 use super::{pack_nibbles, read_f16, signed_absmax, write_f16};
 
@@ -124,6 +125,17 @@ const LEVELS: [f32; 16] = {
         i += 1;
     }
     levels
+};
+
+/// The codebook under the block scale.
+pub const GRID: BlockGrid = BlockGrid {
+    levels: &LEVELS,
+    affine: |b, scale, offset| {
+        scale.fill(read_f16(b, 0));
+        offset.fill(0.0);
+    },
+    read_codes: |b, codes| unpack_nibbles(&b[2..], codes),
+    write_codes: |b, codes| pack_nibbles(block_codes(codes), &mut b[2..]),
 };
 
 #[cfg(test)]

@@ -3,8 +3,9 @@
 //! `x = d·(ls − 32)·CODEBOOK[q]`). Sub-block `ib` keeps the low nibble of `ls` in nibble `ib % 2` of
 //! `scales_l[ib / 2]` and its top two bits at bits `2·ib` of `scales_h`.
 
+use super::grid::{block_codes, unpack_nibbles, BlockGrid};
 use super::iq4_nl::{block_weights, decode_nibbles, encode_nibbles, fit_scale};
-use super::{nearest_int, read_f16, scale_search, write_f16, QK_K};
+use super::{nearest_int, pack_nibbles, read_f16, scale_search, write_f16, QK_K};
 
 const BYTES: usize = 136;
 
@@ -52,6 +53,31 @@ pub fn quantize(src: &[f32], dst: &mut [u8], importance: Option<&[f32]>) {
         b[2..4].copy_from_slice(&scales_h.to_le_bytes());
     }
 }
+
+/// The IQ4_NL codebook under each sub-block's scale `d·(ls − 32)`.
+pub const GRID: BlockGrid = BlockGrid {
+    levels: super::iq4_nl::GRID.levels,
+    affine: |b, scale, offset| {
+        let d = read_f16(b, 0);
+        let scales_h = u16::from_le_bytes([b[2], b[3]]);
+        for (ib, scale) in scale.chunks_exact_mut(32).enumerate() {
+            let low = (b[4 + ib / 2] >> (4 * (ib % 2))) & 0xF;
+            let high = ((scales_h >> (2 * ib)) & 3) as u8;
+            scale.fill(d * ((low | high << 4) as i32 - 32) as f32);
+        }
+        offset.fill(0.0);
+    },
+    read_codes: |b, codes| {
+        for (qs, codes) in b[8..].chunks_exact(16).zip(codes.chunks_exact_mut(32)) {
+            unpack_nibbles(qs, codes);
+        }
+    },
+    write_codes: |b, codes| {
+        for (qs, codes) in b[8..].chunks_exact_mut(16).zip(codes.chunks_exact(32)) {
+            pack_nibbles(block_codes(codes), qs);
+        }
+    },
+};
 
 #[cfg(test)]
 mod tests {

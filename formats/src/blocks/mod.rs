@@ -4,6 +4,7 @@
 //! These are the portable reference implementations: the runtime's SIMD kernels are tested against them.
 
 pub mod float;
+pub mod grid;
 pub mod iq4_nl;
 pub mod iq4_xs;
 pub mod q2_k;
@@ -160,6 +161,17 @@ pub(crate) fn pack_scale_min_k4(scales: &[u8; 8], mins: &[u8; 8]) -> [u8; 12] {
         }
     }
     packed
+}
+
+/// Inverse of [`pack_2bit`].
+pub(crate) fn unpack_2bit(packed: &[u8], values: &mut [u8]) {
+    for (half, bytes) in values.chunks_exact_mut(128).zip(packed.chunks_exact(32)) {
+        for (l, &byte) in bytes.iter().enumerate() {
+            for k in 0..4 {
+                half[l + 32 * k] = (byte >> (2 * k)) & 3;
+            }
+        }
+    }
 }
 
 /// Packs 256 values below 4 as the K-quants store 2-bit fields: within each 128-element half, byte `l`

@@ -5,8 +5,9 @@
 //! Within each 128-element half, byte `l` of its 32 `qs` bytes holds elements `l`, `l + 32`, `l + 64`,
 //! `l + 96` in bit pairs 0–1, 2–3, 4–5, 6–7.
 
+use super::grid::{super_block_codes, uniform_levels, BlockGrid};
 use super::scale_search::{self, AffineGrid, ErrorMetric};
-use super::{nearest_int, pack_2bit, positive_max, read_f16, requantize, write_f16, QK_K};
+use super::{nearest_int, pack_2bit, positive_max, read_f16, requantize, unpack_2bit, write_f16, QK_K};
 
 const BYTES: usize = 84;
 
@@ -99,6 +100,20 @@ fn weighted_scales(x: &[f32; QK_K], importance: &[f32], levels: &mut [u8; QK_K])
     let dmin = scale_search::positive(&mins, &sums, 15, &mut lm);
     (std::array::from_fn(|j| ls[j] | lm[j] << 4), d, dmin)
 }
+
+/// Levels `0..=3` under each 16-element sub-block's scale `d·(sc & 15)`, offset by `−dmin·(sc >> 4)`.
+pub const GRID: BlockGrid = BlockGrid {
+    levels: &uniform_levels::<4>(0),
+    affine: |b, scale, offset| {
+        let (d, dmin) = (read_f16(b, 80), read_f16(b, 82));
+        for (sub, (scale, offset)) in scale.chunks_exact_mut(16).zip(offset.chunks_exact_mut(16)).enumerate() {
+            scale.fill(d * (b[sub] & 0xF) as f32);
+            offset.fill(-(dmin * (b[sub] >> 4) as f32));
+        }
+    },
+    read_codes: |b, codes| unpack_2bit(&b[16..80], codes),
+    write_codes: |b, codes| pack_2bit(super_block_codes(codes), &mut b[16..80]),
+};
 
 #[cfg(test)]
 mod tests {

@@ -6,8 +6,9 @@
 //! bytes 0–7 (sub-blocks 0–7 low nibbles, 8–15 high nibbles) and their top two bits in bytes 8–11
 //! (sub-block `s` at byte `8 + s % 4`, bit pair `s / 4`).
 
+use super::grid::{super_block_codes, uniform_levels, BlockGrid};
 use super::scale_search;
-use super::{nearest_int, pack_2bit, read_f16, requantize, write_f16, QK_K};
+use super::{nearest_int, pack_2bit, read_f16, requantize, unpack_2bit, write_f16, QK_K};
 
 const BYTES: usize = 110;
 
@@ -50,16 +51,8 @@ pub fn quantize(src: &[f32], dst: &mut [u8], importance: Option<&[f32]>) {
             }
         }
 
-        let (hmask, rest) = b.split_at_mut(32);
-        hmask.fill(0);
-        for (j, l) in levels.iter_mut().enumerate() {
-            if *l > 3 {
-                hmask[j % 32] |= 1 << (j / 32);
-                *l -= 4;
-            }
-        }
-        pack_2bit(&levels, &mut rest[..64]);
-        pack_scales(&scales, &mut rest[64..76]);
+        (GRID.write_codes)(b, &levels);
+        pack_scales(&scales, &mut b[96..108]);
     }
 }
 
@@ -106,6 +99,35 @@ fn pack_scales(scales: &[u8; 16], packed: &mut [u8]) {
         packed[8 + j % 4] |= (s >> 4) << (2 * (j / 4));
     }
 }
+
+/// Levels `−4..=3` under each 16-element sub-block's scale `d·(scale − 32)`; code `c` keeps its low two
+/// bits in `qs` and sets the `hmask` bit when `c ≥ 4`.
+pub const GRID: BlockGrid = BlockGrid {
+    levels: &uniform_levels::<8>(-4),
+    affine: |b, scale, offset| {
+        let (packed, d) = (&b[96..108], read_f16(b, 108));
+        for (sub, scale) in scale.chunks_exact_mut(16).enumerate() {
+            let low = if sub < 8 { packed[sub] & 0xF } else { packed[sub - 8] >> 4 };
+            let high = (packed[8 + sub % 4] >> (2 * (sub / 4))) & 3;
+            scale.fill(d * ((low | high << 4) as i32 - 32) as f32);
+        }
+        offset.fill(0.0);
+    },
+    read_codes: |b, codes| {
+        unpack_2bit(&b[32..96], codes);
+        for (j, c) in codes.iter_mut().enumerate() {
+            *c |= ((b[j % 32] >> (j / 32)) & 1) << 2;
+        }
+    },
+    write_codes: |b, codes| {
+        let (hmask, qs) = b.split_at_mut(32);
+        hmask.fill(0);
+        for (j, &c) in codes.iter().enumerate() {
+            hmask[j % 32] |= (c >> 2) << (j / 32);
+        }
+        pack_2bit(&super_block_codes(codes).map(|c| c & 3), &mut qs[..64]);
+    },
+};
 
 #[cfg(test)]
 mod tests {

@@ -1,6 +1,7 @@
 //! Q4_0: blocks of 32 four-bit values `q − 8` sharing one f16 scale (18 bytes: `f16 d; u8 qs[16]`,
 //! element `j` in the low nibble of byte `j`, element `j + 16` in the high nibble).
 
+use super::grid::{block_codes, uniform_levels, unpack_nibbles, BlockGrid};
 use super::{c_cast_to_byte, pack_nibbles, read_f16, scale_search, signed_absmax, write_f16};
 
 const BLOCK: usize = 32;
@@ -45,6 +46,17 @@ fn quantize_weighted(src: &[f32], dst: &mut [u8], importance: &[f32]) {
         pack_nibbles(&q, &mut b[2..]);
     });
 }
+
+/// Levels `−8..=7` under the block scale.
+pub const GRID: BlockGrid = BlockGrid {
+    levels: &uniform_levels::<16>(-8),
+    affine: |b, scale, offset| {
+        scale.fill(read_f16(b, 0));
+        offset.fill(0.0);
+    },
+    read_codes: |b, codes| unpack_nibbles(&b[2..], codes),
+    write_codes: |b, codes| pack_nibbles(block_codes(codes), &mut b[2..]),
+};
 
 #[cfg(test)]
 mod tests {

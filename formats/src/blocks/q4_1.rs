@@ -1,6 +1,7 @@
 //! Q4_1: blocks of 32 four-bit values with an f16 scale and an f16 offset
 //! (20 bytes: `f16 d; f16 m; u8 qs[16]`, nibbles packed as in Q4_0; `x = q·d + m`).
 
+use super::grid::{block_codes, uniform_levels, unpack_nibbles, BlockGrid};
 use super::{c_cast_to_byte, min_max, pack_nibbles, read_f16, scale_search, write_f16};
 
 const BLOCK: usize = 32;
@@ -49,6 +50,17 @@ fn quantize_weighted(src: &[f32], dst: &mut [u8], importance: &[f32]) {
         pack_nibbles(&q, &mut b[4..]);
     });
 }
+
+/// Levels `0..=15` under the block scale, plus the block offset.
+pub const GRID: BlockGrid = BlockGrid {
+    levels: &uniform_levels::<16>(0),
+    affine: |b, scale, offset| {
+        scale.fill(read_f16(b, 0));
+        offset.fill(read_f16(b, 2));
+    },
+    read_codes: |b, codes| unpack_nibbles(&b[4..], codes),
+    write_codes: |b, codes| pack_nibbles(block_codes(codes), &mut b[4..]),
+};
 
 #[cfg(test)]
 mod tests {

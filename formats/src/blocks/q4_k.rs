@@ -4,6 +4,7 @@
 //! Each 64-element group uses 32 `qs` bytes: low nibbles hold its first sub-block, high nibbles its
 //! second. Scales and mins are packed as [`scale_min_k4`] reads them.
 
+use super::grid::{super_block_codes, uniform_levels, BlockGrid};
 use super::scale_search::{self, AffineGrid, ErrorMetric};
 use super::{nearest_int, pack_scale_min_k4, positive_max, read_f16, requantize, scale_min_k4, write_f16, QK_K};
 
@@ -114,6 +115,34 @@ pub(crate) fn encode_scales(
         }
     }
     levels
+}
+
+/// Levels `0..=15` under each sub-block's scale `d·sc`, offset by its `−dmin·m`.
+pub const GRID: BlockGrid = BlockGrid {
+    levels: &uniform_levels::<16>(0),
+    affine: sub_block_affine,
+    read_codes: |b, codes| unpack_low_nibbles(&b[16..], codes),
+    write_codes: |b, codes| pack_low_nibbles(super_block_codes(codes), &mut b[16..]),
+};
+
+/// Each element's scale and offset in a Q4_K or Q5_K super-block (the same 16 leading bytes).
+pub(crate) fn sub_block_affine(b: &[u8], scale: &mut [f32], offset: &mut [f32]) {
+    let (d, dmin) = (read_f16(b, 0), read_f16(b, 2));
+    for (sub, (scale, offset)) in scale.chunks_exact_mut(32).zip(offset.chunks_exact_mut(32)).enumerate() {
+        let (sc, m) = scale_min_k4(sub, &b[4..16]);
+        scale.fill(d * sc as f32);
+        offset.fill(-(dmin * m as f32));
+    }
+}
+
+/// Inverse of [`pack_low_nibbles`].
+pub(crate) fn unpack_low_nibbles(qs: &[u8], levels: &mut [u8]) {
+    for (group, qs) in levels.chunks_exact_mut(64).zip(qs.chunks_exact(32)) {
+        for (l, &q) in qs.iter().enumerate() {
+            group[l] = q & 0xF;
+            group[l + 32] = q >> 4;
+        }
+    }
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 //! (22 bytes: `f16 d; u8 qh[4]; u8 qs[16]`; low nibbles packed as in Q4_0, bit 4 of element `j` at
 //! bit `j` of the little-endian `u32` `qh`).
 
+use super::grid::{block_codes, uniform_levels, BlockGrid};
 use super::{c_cast_to_byte, pack_q5, read_f16, scale_search, signed_absmax, unpack_q5, write_f16};
 
 const BLOCK: usize = 32;
@@ -47,6 +48,20 @@ fn quantize_weighted(src: &[f32], dst: &mut [u8], importance: &[f32]) {
         pack_q5(&q, qh, qs);
     });
 }
+
+/// Levels `−16..=15` under the block scale.
+pub const GRID: BlockGrid = BlockGrid {
+    levels: &uniform_levels::<32>(-16),
+    affine: |b, scale, offset| {
+        scale.fill(read_f16(b, 0));
+        offset.fill(0.0);
+    },
+    read_codes: |b, codes| codes.copy_from_slice(&unpack_q5(&b[2..6], &b[6..])),
+    write_codes: |b, codes| {
+        let (qh, qs) = b[2..].split_at_mut(4);
+        pack_q5(block_codes(codes), qh, qs);
+    },
+};
 
 #[cfg(test)]
 mod tests {

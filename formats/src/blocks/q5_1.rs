@@ -1,6 +1,7 @@
 //! Q5_1: blocks of 32 five-bit values with an f16 scale and an f16 offset
 //! (24 bytes: `f16 d; f16 m; u8 qh[4]; u8 qs[16]`, bits packed as in Q5_0; `x = q·d + m`).
 
+use super::grid::{block_codes, uniform_levels, BlockGrid};
 use super::{c_cast_to_byte, min_max, pack_q5, read_f16, scale_search, unpack_q5, write_f16};
 
 const BLOCK: usize = 32;
@@ -51,6 +52,20 @@ fn quantize_weighted(src: &[f32], dst: &mut [u8], importance: &[f32]) {
         pack_q5(&q, qh, qs);
     });
 }
+
+/// Levels `0..=31` under the block scale, plus the block offset.
+pub const GRID: BlockGrid = BlockGrid {
+    levels: &uniform_levels::<32>(0),
+    affine: |b, scale, offset| {
+        scale.fill(read_f16(b, 0));
+        offset.fill(read_f16(b, 2));
+    },
+    read_codes: |b, codes| codes.copy_from_slice(&unpack_q5(&b[4..8], &b[8..])),
+    write_codes: |b, codes| {
+        let (qh, qs) = b[4..].split_at_mut(4);
+        pack_q5(block_codes(codes), qh, qs);
+    },
+};
 
 #[cfg(test)]
 mod tests {

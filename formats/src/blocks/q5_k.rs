@@ -4,7 +4,8 @@
 //! Low nibbles and scales are laid out as in Q4_K; the fifth bit of element `l` of sub-block `s`
 //! is bit `s` of `qh[l]`.
 
-use super::q4_k::{encode_scales, pack_low_nibbles};
+use super::grid::{super_block_codes, uniform_levels, BlockGrid};
+use super::q4_k::{encode_scales, pack_low_nibbles, sub_block_affine, unpack_low_nibbles};
 use super::scale_search::{AffineGrid, ErrorMetric};
 use super::{read_f16, scale_min_k4, QK_K};
 
@@ -38,16 +39,36 @@ pub fn quantize(src: &[f32], dst: &mut [u8], importance: Option<&[f32]>) {
         let x: &[f32; QK_K] = x.try_into().expect("chunks of QK_K");
         let importance = importance.map(|imp| &imp[i * QK_K..][..QK_K]);
         let levels = encode_scales(x, importance, 31, &PLAIN_GRID, b);
-        let (qh, qs) = b[16..].split_at_mut(32);
-        pack_low_nibbles(&levels, qs);
-        qh.fill(0);
-        for (sub, group) in levels.chunks_exact(32).enumerate() {
-            for (h, &l) in qh.iter_mut().zip(group) {
-                *h |= (l >> 4) << sub;
-            }
+        pack_levels(&levels, &mut b[16..]);
+    }
+}
+
+/// Writes 256 five-bit levels into `qh` and `qs` (the bytes after the scales).
+fn pack_levels(levels: &[u8; QK_K], qh_qs: &mut [u8]) {
+    let (qh, qs) = qh_qs.split_at_mut(32);
+    pack_low_nibbles(levels, qs);
+    qh.fill(0);
+    for (sub, group) in levels.chunks_exact(32).enumerate() {
+        for (h, &l) in qh.iter_mut().zip(group) {
+            *h |= (l >> 4) << sub;
         }
     }
 }
+
+/// Levels `0..=31` under each sub-block's scale `d·sc`, offset by its `−dmin·m`.
+pub const GRID: BlockGrid = BlockGrid {
+    levels: &uniform_levels::<32>(0),
+    affine: sub_block_affine,
+    read_codes: |b, codes| {
+        unpack_low_nibbles(&b[48..], codes);
+        for (sub, group) in codes.chunks_exact_mut(32).enumerate() {
+            for (c, &h) in group.iter_mut().zip(&b[16..48]) {
+                *c |= ((h >> sub) & 1) << 4;
+            }
+        }
+    },
+    write_codes: |b, codes| pack_levels(super_block_codes(codes), &mut b[16..]),
+};
 
 #[cfg(test)]
 mod tests {

@@ -5,6 +5,7 @@
 //! nibbles (k = 0, 1) or high nibbles (k = 2, 3) of `ql[32·(k % 2) + l]`, and bits `2k..2k+2` of `qh[l]`
 //! as the top two bits.
 
+use super::grid::{super_block_codes, uniform_levels, BlockGrid};
 use super::scale_search;
 use super::{nearest_int, pack_2bit, read_f16, requantize, write_f16, QK_K};
 
@@ -65,19 +66,48 @@ pub fn quantize(src: &[f32], dst: &mut [u8], importance: Option<&[f32]>) {
             }
         }
 
-        let (ql, rest) = b.split_at_mut(128);
-        for (ql, half) in ql.chunks_exact_mut(64).zip(levels.chunks_exact(128)) {
-            for l in 0..32 {
-                ql[l] = (half[l] & 0xF) | (half[l + 64] & 0xF) << 4;
-                ql[l + 32] = (half[l + 32] & 0xF) | (half[l + 96] & 0xF) << 4;
-            }
-        }
-        pack_2bit(&levels.map(|l| l >> 4), &mut rest[..64]);
-        for (out, &sc) in rest[64..80].iter_mut().zip(&stored) {
+        pack_levels(&levels, b);
+        for (out, &sc) in b[192..208].iter_mut().zip(&stored) {
             *out = sc as u8;
         }
     }
 }
+
+/// Writes 256 six-bit levels into `ql` and `qh` (the first 192 bytes).
+fn pack_levels(levels: &[u8; QK_K], b: &mut [u8]) {
+    let (ql, qh) = b.split_at_mut(128);
+    for (ql, half) in ql.chunks_exact_mut(64).zip(levels.chunks_exact(128)) {
+        for l in 0..32 {
+            ql[l] = (half[l] & 0xF) | (half[l + 64] & 0xF) << 4;
+            ql[l + 32] = (half[l + 32] & 0xF) | (half[l + 96] & 0xF) << 4;
+        }
+    }
+    pack_2bit(&levels.map(|l| l >> 4), &mut qh[..64]);
+}
+
+/// Levels `−32..=31` under each 16-element sub-block's scale `d·scale`.
+pub const GRID: BlockGrid = BlockGrid {
+    levels: &uniform_levels::<64>(-32),
+    affine: |b, scale, offset| {
+        let d = read_f16(b, 208);
+        for (scale, &sc) in scale.chunks_exact_mut(16).zip(&b[192..208]) {
+            scale.fill(d * sc as i8 as f32);
+        }
+        offset.fill(0.0);
+    },
+    read_codes: |b, codes| {
+        for (half, codes) in codes.chunks_exact_mut(128).enumerate() {
+            let (ql, qh) = (&b[64 * half..][..64], &b[128 + 32 * half..][..32]);
+            for (k, codes) in codes.chunks_exact_mut(32).enumerate() {
+                let (low, nibble) = (&ql[32 * (k % 2)..][..32], 4 * (k / 2));
+                for (l, c) in codes.iter_mut().enumerate() {
+                    *c = ((low[l] >> nibble) & 0xF) | ((qh[l] >> (2 * k)) & 3) << 4;
+                }
+            }
+        }
+    },
+    write_codes: |b, codes| pack_levels(super_block_codes(codes), b),
+};
 
 #[cfg(test)]
 mod tests {

@@ -1,5 +1,6 @@
 //! Q8_0: blocks of 32 signed bytes sharing one f16 scale (34 bytes: `f16 d; i8 qs[32]`).
 
+use super::grid::{uniform_levels, BlockGrid};
 use super::{c_cast_to_byte, read_f16, write_f16};
 
 const BLOCK: usize = 32;
@@ -62,6 +63,17 @@ fn round_to_byte(y: f32) -> u8 {
         c_cast_to_byte(y)
     }
 }
+
+/// Levels `−128..=127` under the block scale; code `c` is the stored byte `c − 128`, i.e. `c ^ 0x80`.
+pub const GRID: BlockGrid = BlockGrid {
+    levels: &uniform_levels::<256>(-128),
+    affine: |b, scale, offset| {
+        scale.fill(read_f16(b, 0));
+        offset.fill(0.0);
+    },
+    read_codes: |b, codes| codes.iter_mut().zip(&b[2..]).for_each(|(c, &q)| *c = q ^ 0x80),
+    write_codes: |b, codes| b[2..].iter_mut().zip(codes).for_each(|(q, &c)| *q = c ^ 0x80),
+};
 
 #[cfg(test)]
 mod tests {

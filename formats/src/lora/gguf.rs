@@ -213,6 +213,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::type_complexity)]
     fn broken_adapters_are_errors() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a.gguf");

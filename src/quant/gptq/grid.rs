@@ -5,7 +5,9 @@
 //! contains 0; symmetric grids widen it to `[-max|w|, max|w|]` and put the zero at `(maxq + 1) / 2`; an
 //! all-zero range becomes `[-1, 1]`. Rounding is half to even, as `torch.round`. One deliberate change:
 //! scales are rounded to f16 before use, because GPTQ/AWQ files and GGUF blocks store them as f16 and
-//! GPTQ's error feedback should see the grid the file will hold.
+//! GPTQ's error feedback should see the grid the file will hold. And an asymmetric zero point is never 0:
+//! GPTQ v1 checkpoints store `zero - 1`, so a group whose range starts at 0 gets zero point 1 and the scale
+//! that still reaches its maximum (`max / (maxq - 1)`).
 
 use half::f16;
 
@@ -43,10 +45,15 @@ impl Grid {
             (lo, hi) = (-1.0, 1.0);
         }
         let maxq = self.maxq() as f32;
-        let scale = f16::from_f32((hi - lo) / maxq).to_f32().max(f16::from_bits(1).to_f32());
-        let zero =
-            if self.sym { 1 << (self.bits - 1) } else { (-lo / scale).round_ties_even().clamp(0.0, maxq) as u32 };
-        GroupParams { scale, zero: zero as u8 }
+        let to_scale = |step: f32| f16::from_f32(step).to_f32().max(f16::from_bits(1).to_f32());
+        let scale = to_scale((hi - lo) / maxq);
+        if self.sym {
+            return GroupParams { scale, zero: 1 << (self.bits - 1) };
+        }
+        match (-lo / scale).round_ties_even().clamp(0.0, maxq) as u8 {
+            0 => GroupParams { scale: to_scale(hi / (maxq - 1.0)), zero: 1 },
+            zero => GroupParams { scale, zero },
+        }
     }
 
     /// The code of `w` on the grid `p`.
@@ -64,6 +71,15 @@ impl GroupParams {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn asymmetric_zero_point_is_never_zero() {
+        let grid = Grid { bits: 4, sym: false };
+        let p = grid.params([0.0, 0.7, 1.4]);
+        assert_eq!(p.zero, 1);
+        assert_eq!(p.dequantize(grid.code(1.4, p)), p.scale * 14.0);
+        assert!((p.scale * 14.0 - 1.4).abs() < 1e-3, "the maximum stays on the grid: {p:?}");
+    }
 
     #[test]
     fn asymmetric_grid_spans_min_to_max() {
@@ -91,8 +107,9 @@ mod tests {
     fn ranges_include_zero_and_all_zero_groups_stay_zero() {
         let grid = Grid { bits: 3, sym: false };
         let p = grid.params([2.0, 3.0]);
-        assert_eq!(p.zero, 0);
+        assert_eq!(p.zero, 1);
         assert_eq!(p.dequantize(grid.code(0.0, p)), 0.0);
+        assert_eq!(p.dequantize(grid.code(3.0, p)), 3.0);
         let p = grid.params([0.0; 4]);
         assert!(p.scale > 0.0);
         assert_eq!(p.dequantize(grid.code(0.0, p)), 0.0);

@@ -15,8 +15,11 @@
 //!
 //! - [`hessian`]: [`HessianAccumulator`], [`Hessian`] and the inverse factor.
 //! - [`grid`]: the min-max grid shared with round-to-nearest ([`rtn`]).
+//! - [`blocks`]: the same error feedback onto GGUF block formats (Q4_0, Q4_K, ...), each block fitted by
+//!   the format's own encoder.
 //! - [`pipeline`]: the whole model, block by block, on calibration activations.
 
+pub mod blocks;
 pub mod grid;
 pub mod hessian;
 pub mod pipeline;
@@ -155,19 +158,10 @@ pub fn gptq(w: &[f32], rows: usize, cols: usize, h: &Hessian, config: &GptqConfi
     if h.dim() != cols {
         return Err(GptqError::Shape(format!("the Hessian is {0} x {0}, the weight has {cols} columns", h.dim())));
     }
-    let dead: Vec<bool> = (0..cols).map(|c| h.get(c, c) == 0.0).collect();
-    let mut w = w.to_vec();
-    for row in w.chunks_mut(cols) {
-        row.iter_mut().zip(&dead).filter(|(_, &d)| d).for_each(|(v, _)| *v = 0.0);
-    }
+    let dead = dead_columns(h);
+    let w = without_dead_columns(w, cols, &dead);
     let perm = column_order(h, &dead, config.act_order);
-    let mut hp = vec![0f64; cols * cols];
-    for (i, &pi) in perm.iter().enumerate() {
-        for (j, &pj) in perm.iter().enumerate() {
-            hp[i * cols + j] = if pi == pj && dead[pi] { 1.0 } else { h.get(pi, pj) };
-        }
-    }
-    let (u, damp) = factor_with_retries(&hp, cols, config.damp)?;
+    let (u, damp) = inverse_factor(h, &dead, &perm, config.damp)?;
     let plan = Plan::new(rows, cols, config, perm);
     let chunks: Vec<ChunkResult> =
         w.par_chunks(ROW_CHUNK * cols.max(1)).map(|chunk| quantize_chunk(chunk, cols, &plan, Some(&u))).collect();
@@ -195,15 +189,46 @@ fn check_weights(w: &[f32], rows: usize, cols: usize) -> Result<(), GptqError> {
     }
 }
 
+/// Inputs that never fired (zero Hessian diagonal): their weights cannot matter and are set to 0.
+fn dead_columns(h: &Hessian) -> Vec<bool> {
+    (0..h.dim()).map(|c| h.get(c, c) == 0.0).collect()
+}
+
+fn without_dead_columns(w: &[f32], cols: usize, dead: &[bool]) -> Vec<f32> {
+    let mut w = w.to_vec();
+    for row in w.chunks_mut(cols) {
+        row.iter_mut().zip(dead).filter(|(_, &d)| d).for_each(|(v, _)| *v = 0.0);
+    }
+    w
+}
+
+/// The inverse factor of `H` with its columns in the order `perm` (dead columns given a unit diagonal),
+/// and the dampening it took.
+fn inverse_factor(h: &Hessian, dead: &[bool], perm: &[usize], damp: f64) -> Result<(Vec<f32>, f64), GptqError> {
+    let cols = h.dim();
+    let mut hp = vec![0f64; cols * cols];
+    for (i, &pi) in perm.iter().enumerate() {
+        for (j, &pj) in perm.iter().enumerate() {
+            hp[i * cols + j] = if pi == pj && dead[pi] { 1.0 } else { h.get(pi, pj) };
+        }
+    }
+    factor_with_retries(&hp, cols, damp)
+}
+
 /// The order columns are quantized in: natural, or by decreasing Hessian diagonal (dead columns count
 /// as 1, as they will in the damped Hessian), ties by index so the order is deterministic.
 fn column_order(h: &Hessian, dead: &[bool], act_order: bool) -> Vec<usize> {
     let mut perm: Vec<usize> = (0..dead.len()).collect();
     if act_order {
-        let key = |c: usize| if dead[c] { 1.0 } else { h.get(c, c) };
-        perm.sort_by(|&a, &b| key(b).total_cmp(&key(a)).then(a.cmp(&b)));
+        by_decreasing_diagonal(h, dead, &mut perm);
     }
     perm
+}
+
+/// Sorts `columns` by decreasing Hessian diagonal (dead columns count as 1), ties by index.
+fn by_decreasing_diagonal(h: &Hessian, dead: &[bool], columns: &mut [usize]) {
+    let key = |c: usize| if dead[c] { 1.0 } else { h.get(c, c) };
+    columns.sort_by(|&a, &b| key(b).total_cmp(&key(a)).then(a.cmp(&b)));
 }
 
 /// The damped inverse factor, doubling the dampening (from at least 1%) until `H` factors.
@@ -319,7 +344,8 @@ fn quantize_chunk(w: &[f32], cols: usize, plan: &Plan, u: Option<&[f32]>) -> Chu
         }
     }
     let mut params = vec![GroupParams { scale: 0.0, zero: 0 }; plan.groups * rows];
-    if plan.config.static_groups || plan.config.group_size.is_none() {
+    let fixed_params = plan.config.static_groups || plan.config.group_size.is_none();
+    if fixed_params {
         // Parameters from the original weights, before any update.
         for g in 0..plan.groups {
             let span = g * plan.group_len..((g + 1) * plan.group_len).min(cols);
@@ -329,33 +355,57 @@ fn quantize_chunk(w: &[f32], cols: usize, plan: &Plan, u: Option<&[f32]>) -> Chu
         }
     }
     let mut codes = vec![0u8; cols * rows];
-    let mut err = vec![0f32; BLOCK_SIZE * rows];
-    let mut loss = 0f64;
-    for i1 in (0..cols).step_by(BLOCK_SIZE) {
-        let i2 = (i1 + BLOCK_SIZE).min(cols);
-        for k in i1..i2 {
-            let group = plan.group_of_position(k);
-            if !plan.config.static_groups && plan.config.group_size.is_some() && k % plan.group_len == 0 {
-                // The group lies inside this block, whose columns are already fully updated.
-                let end = (k + plan.group_len).min(cols);
-                for r in 0..rows {
-                    params[group * rows + r] = grid.params((k..end).map(|j| wt[j * rows + r]));
-                }
+    let loss = error_feedback(&mut wt, rows, u, BLOCK_SIZE, |k, ahead, quantized| {
+        let group = plan.group_of_position(k);
+        if !fixed_params && k % plan.group_len == 0 {
+            // The group lies inside this lazy batch, whose columns are already fully updated.
+            let len = plan.group_len.min(cols - k);
+            for r in 0..rows {
+                params[group * rows + r] = grid.params((0..len).map(|j| ahead[j * rows + r]));
             }
+        }
+        for r in 0..rows {
+            let p = params[group * rows + r];
+            let code = grid.code(ahead[r], p);
+            codes[k * rows + r] = code;
+            quantized[r] = p.dequantize(code);
+        }
+    });
+    ChunkResult { rows, codes, params, loss }
+}
+
+/// GPTQ's column loop over one chunk of rows. `wt` holds the weights column-major in quantization order
+/// (column `k` at `wt[k·rows..][..rows]`). For each column, `round(k, ahead, quantized)` sees the columns
+/// from `k` to the end of its lazy batch of `batch` columns (`ahead`, column-major, every earlier column's
+/// error already applied) and writes column `k`'s quantized values; the rounding error then moves onto
+/// the columns not yet quantized through the inverse factor `u` (none: plain rounding). Returns GPTQ's
+/// proxy loss.
+pub(crate) fn error_feedback(
+    wt: &mut [f32],
+    rows: usize,
+    u: Option<&[f32]>,
+    batch: usize,
+    mut round: impl FnMut(usize, &[f32], &mut [f32]),
+) -> f64 {
+    let cols = wt.len() / rows;
+    let mut err = vec![0f32; batch * rows];
+    let mut quantized = vec![0f32; rows];
+    let mut loss = 0f64;
+    for i1 in (0..cols).step_by(batch) {
+        let i2 = (i1 + batch).min(cols);
+        for k in i1..i2 {
+            round(k, &wt[k * rows..i2 * rows], &mut quantized);
             let (done, rest) = wt.split_at_mut((k + 1) * rows);
             let column = &done[k * rows..];
             let d = u.map_or(1.0, |u| u[k * cols + k]);
             let e = &mut err[(k - i1) * rows..][..rows];
             for r in 0..rows {
-                let p = params[group * rows + r];
-                let code = grid.code(column[r], p);
-                codes[k * rows + r] = code;
-                e[r] = (column[r] - p.dequantize(code)) / d;
+                e[r] = (column[r] - quantized[r]) / d;
                 loss += f64::from(e[r]) * f64::from(e[r]) / 2.0;
             }
             if let Some(u) = u {
-                // Spread this column's error over the rest of the block now; columns past the block
-                // get all of the block's errors at once below.
+                // Spread this column's error over the rest of the batch now; columns past the batch
+                // get all of the batch's errors at once below.
                 for j in k + 1..i2 {
                     let coef = u[k * cols + j];
                     let target = &mut rest[(j - k - 1) * rows..][..rows];
@@ -373,7 +423,7 @@ fn quantize_chunk(w: &[f32], cols: usize, plan: &Plan, u: Option<&[f32]>) -> Chu
             matmul(dst, Accum::Add, lhs, rhs, -1.0, Par::Seq);
         }
     }
-    ChunkResult { rows, codes, params, loss }
+    loss
 }
 
 #[cfg(test)]

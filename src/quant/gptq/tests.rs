@@ -1,7 +1,7 @@
 use super::*;
 
 /// Deterministic pseudo-normal values (sum of four uniforms, centred).
-fn noise(n: usize, seed: u64) -> Vec<f32> {
+pub(super) fn noise(n: usize, seed: u64) -> Vec<f32> {
     let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let mut uniform = move || {
         state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
@@ -12,7 +12,7 @@ fn noise(n: usize, seed: u64) -> Vec<f32> {
 
 /// `n` activation rows of width `dim` with strongly correlated channels of unequal size: each row mixes
 /// a few shared factors into every channel, plus a little private noise.
-fn correlated_activations(n: usize, dim: usize, seed: u64) -> Vec<f32> {
+pub(super) fn correlated_activations(n: usize, dim: usize, seed: u64) -> Vec<f32> {
     let factors = 8;
     let mixing = noise(factors * dim, seed + 1);
     let z = noise(n * factors, seed + 2);
@@ -28,7 +28,7 @@ fn correlated_activations(n: usize, dim: usize, seed: u64) -> Vec<f32> {
     x
 }
 
-fn hessian_of(x: &[f32], dim: usize) -> Hessian {
+pub(super) fn hessian_of(x: &[f32], dim: usize) -> Hessian {
     let mut acc = HessianAccumulator::new(dim);
     acc.add(x);
     acc.finish().unwrap()

@@ -43,7 +43,7 @@ avx2_dispatch!(fn q5_1(src: &[u8], dst: &mut [f32]) = q5_1_body;);
 /// operations and one exact integer-to-float conversion, so no subnormal f32 ever enters arithmetic
 /// (which costs a microcode assist on x86).
 #[inline(always)]
-pub(super) fn f16_to_f32(h: u16) -> f32 {
+fn f16_to_f32(h: u16) -> f32 {
     let h = h as u32;
     let sign = (h & 0x8000) << 16;
     let exponent = h & 0x7c00;

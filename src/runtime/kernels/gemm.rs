@@ -1,4 +1,5 @@
-//! The batch path: weight rows are split into blocks; each rayon task decodes one block to f32 and
+//! The batch path, for any weight matrix that can decode its rows to f32 ([`DecodeRows`]: GGML types
+//! and packed GPTQ/AWQ weights alike): weight rows are split into blocks; each rayon task decodes one block to f32 and
 //! multiplies the whole batch by it, writing its own block of output columns. Each weight is decoded
 //! once per batch.
 //!
@@ -17,7 +18,7 @@ use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
 use rayon::prelude::*;
 
-use super::{row_major_mut, GgmlLinear};
+use super::{row_major_mut, DecodeRows};
 
 /// Weight rows in one packed panel: two AVX-512 vectors.
 const PANEL: usize = 32;
@@ -52,33 +53,41 @@ impl Kernel {
     }
 }
 
-pub(super) fn gemm(w: &GgmlLinear, x: &[f32], n: usize, y: &mut [f32]) {
+pub(super) fn gemm(w: &(impl DecodeRows + ?Sized), x: &[f32], n: usize, y: &mut [f32]) {
     // Large blocks reuse each loaded activation for more weight rows; small matrices need smaller
     // ones to give every thread a share.
-    let block_rows = if w.rows >= 2 * MIN_TASKS * PANEL { 2 * PANEL } else { PANEL };
+    let block_rows = if w.rows() >= 2 * MIN_TASKS * PANEL { 2 * PANEL } else { PANEL };
     gemm_with(w, x, n, y, Kernel::available()[0], block_rows);
 }
 
 /// [`gemm`] with `kernel` and blocks of `block_rows` weight rows.
-pub(super) fn gemm_with(w: &GgmlLinear, x: &[f32], n: usize, y: &mut [f32], kernel: Kernel, block_rows: usize) {
+pub(super) fn gemm_with(
+    w: &(impl DecodeRows + ?Sized),
+    x: &[f32],
+    n: usize,
+    y: &mut [f32],
+    kernel: Kernel,
+    block_rows: usize,
+) {
+    let (w_rows, w_cols) = (w.rows(), w.cols());
     match kernel {
         Kernel::Faer => gemm_faer(w, x, n, y, block_rows),
         #[cfg(target_arch = "x86_64")]
         Kernel::Avx512 => {
             let y = OutPtr(y.as_mut_ptr());
-            (0..w.rows.div_ceil(block_rows)).into_par_iter().for_each(|block| {
-                let rows = block * block_rows..(w.rows).min((block + 1) * block_rows);
+            (0..w_rows.div_ceil(block_rows)).into_par_iter().for_each(|block| {
+                let rows = block * block_rows..w_rows.min((block + 1) * block_rows);
                 DECODED.with_borrow_mut(|decoded| {
                     PACKED.with_borrow_mut(|packed| {
-                        decoded.resize(rows.len() * w.cols, 0.0);
+                        decoded.resize(rows.len() * w_cols, 0.0);
                         w.decode_rows(rows.clone(), decoded);
                         // SAFETY: the CPU has AVX-512F (`Kernel::available`).
-                        unsafe { avx512::pack_panels(decoded, w.cols, packed) };
+                        unsafe { avx512::pack_panels(decoded, w_cols, packed) };
                         // SAFETY: the CPU has AVX-512F (`Kernel::available`); `y` holds `n × w.rows`
                         // outputs and this task writes only the columns in `rows`, which no other
                         // task writes.
-                        let panels = avx512::Panels::packed(packed, rows.len(), w.cols);
-                        unsafe { avx512::product(x, w.cols, n, &panels, y.at(rows.start), w.rows) };
+                        let panels = avx512::Panels::packed(packed, rows.len(), w_cols);
+                        unsafe { avx512::product(x, w_cols, n, &panels, y.at(rows.start), w_rows) };
                     })
                 });
             });
@@ -102,14 +111,15 @@ impl OutPtr {
 }
 
 /// One block of weight rows per task through faer's sequential GEMM.
-fn gemm_faer(w: &GgmlLinear, x: &[f32], n: usize, y: &mut [f32], block_rows: usize) {
-    let lhs = MatRef::from_row_major_slice(x, n, w.cols);
-    column_blocks(row_major_mut(y, n, w.rows, w.rows), block_rows).into_par_iter().for_each(|(first, dst)| {
+fn gemm_faer(w: &(impl DecodeRows + ?Sized), x: &[f32], n: usize, y: &mut [f32], block_rows: usize) {
+    let (w_rows, w_cols) = (w.rows(), w.cols());
+    let lhs = MatRef::from_row_major_slice(x, n, w_cols);
+    column_blocks(row_major_mut(y, n, w_rows, w_rows), block_rows).into_par_iter().for_each(|(first, dst)| {
         let rows = dst.ncols();
         DECODED.with_borrow_mut(|block| {
-            block.resize(rows * w.cols, 0.0);
+            block.resize(rows * w_cols, 0.0);
             w.decode_rows(first..first + rows, block);
-            let rhs = MatRef::from_row_major_slice(block.as_slice(), rows, w.cols).transpose();
+            let rhs = MatRef::from_row_major_slice(block.as_slice(), rows, w_cols).transpose();
             matmul(dst, Accum::Replace, lhs, rhs, 1.0, Par::Seq);
         });
     });

@@ -10,6 +10,8 @@
 //!   registers and consumed there; other formats are decoded a few rows at a time right before the
 //!   dot products that consume them, while they are still in cache.
 //!
+//! [`packed::PackedLinear`] implements it for GPTQ/AWQ integer weights, through the same batch path.
+//!
 //! Rows are decoded by [`decode`]'s fast decoders where it has one, else by the type table's.
 //!
 //! Activations stay f32 throughout: the runtime measures the weights, not kernel shortcuts.
@@ -17,6 +19,7 @@
 mod decode;
 pub(crate) mod gemm;
 mod gemv;
+pub mod packed;
 #[cfg(test)]
 mod reference;
 #[cfg(test)]
@@ -37,6 +40,14 @@ pub trait Linear: Send + Sync {
     fn out_features(&self) -> usize;
     /// `y = x · Wᵀ` for `x` of `n × in_features` and `y` of `n × out_features`, both row-major.
     fn forward(&self, x: &[f32], y: &mut [f32]);
+}
+
+/// A weight matrix that decodes blocks of its rows to f32: what the batch path ([`gemm`]) multiplies by.
+pub trait DecodeRows: Sync {
+    fn rows(&self) -> usize;
+    fn cols(&self) -> usize;
+    /// Decodes the weight rows in `rows` into `dst` (`rows.len() × cols`, row-major).
+    fn decode_rows(&self, rows: Range<usize>, dst: &mut [f32]);
 }
 
 /// A weight matrix in a GGML storage type, borrowed as stored: `rows` rows of `cols` elements, each
@@ -81,6 +92,20 @@ impl<'a> GgmlLinear<'a> {
     pub fn decode_rows(&self, rows: Range<usize>, dst: &mut [f32]) {
         assert_eq!(dst.len(), rows.len() * self.cols, "decoded rows do not fit the destination");
         (self.decode)(&self.data[rows.start * self.row_bytes..rows.end * self.row_bytes], dst);
+    }
+}
+
+impl DecodeRows for GgmlLinear<'_> {
+    fn rows(&self) -> usize {
+        self.rows
+    }
+
+    fn cols(&self) -> usize {
+        self.cols
+    }
+
+    fn decode_rows(&self, rows: Range<usize>, dst: &mut [f32]) {
+        GgmlLinear::decode_rows(self, rows, dst)
     }
 }
 
