@@ -8,6 +8,7 @@ use formats::gguf::{GgufFile, MetadataValue};
 use formats::safetensors::Checkpoint;
 use serde::Serialize;
 
+use crate::model::packed::{self, PackedFormat};
 use crate::model::ModelConfig;
 
 #[derive(Debug, Serialize)]
@@ -78,15 +79,27 @@ pub fn inspect(path: &Path) -> Result<Report> {
         } else {
             None
         };
-        let tensors = checkpoint
-            .tensors()
-            .map(|t| TensorRow {
-                name: t.name.to_string(),
-                ty: t.dtype.name().to_string(),
-                shape: t.shape.iter().map(|&d| d as u64).collect(),
-                bytes: t.data.len() as u64,
-            })
-            .collect();
+        let packing = if path.is_dir() { PackedFormat::from_dir(&dir)? } else { None };
+        let mut tensors = Vec::new();
+        for t in checkpoint.tensors() {
+            match (packing, packed::split_part(t.name)) {
+                // A packed linear is one row (its logical shape and all its parts' bytes) under its
+                // packing's name, so parameter counts and bits per weight stay those of the model.
+                (Some(p), Some((prefix, packed::QWEIGHT))) => tensors.push(TensorRow {
+                    name: prefix.to_string(),
+                    ty: p.name().to_string(),
+                    shape: p.shape_of(&checkpoint, prefix)?.iter().map(|&d| d as u64).collect(),
+                    bytes: p.stored_bytes(&checkpoint, prefix),
+                }),
+                (Some(_), Some(_)) => {}
+                _ => tensors.push(TensorRow {
+                    name: t.name.to_string(),
+                    ty: t.dtype.name().to_string(),
+                    shape: t.shape.iter().map(|&d| d as u64).collect(),
+                    bytes: t.data.len() as u64,
+                }),
+            }
+        }
         ("safetensors", architecture, metadata, tensors)
     };
     let mut by_type: BTreeMap<String, TypeSummary> = BTreeMap::new();

@@ -131,6 +131,12 @@ enum Command {
         /// HF output: split the safetensors into shards of at most this size.
         #[arg(long, value_parser = parse_size)]
         max_shard_size: Option<u64>,
+        /// GPTQ/AWQ base: put the merged linears back on its grid by GPTQ with the base's config on
+        /// calibration activations (default for GPTQ bases) or by rounding to nearest (AWQ bases: the only way).
+        #[arg(long, value_enum)]
+        requantize: Option<qforge::lora::Requantize>,
+        #[command(flatten)]
+        calib: CalibArgs,
         /// Print the summary as JSON.
         #[arg(long)]
         json: bool,
@@ -383,8 +389,28 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 eprint!("{}", report.render());
             }
         }
-        Command::MergeLora { base, adapters, output, dtype, ggml_type, strict, max_shard_size, json } => {
-            let opts = qforge::lora::MergeOptions { adapters, dtype, ggml_type, strict, max_shard_size, progress };
+        Command::MergeLora {
+            base,
+            adapters,
+            output,
+            dtype,
+            ggml_type,
+            strict,
+            max_shard_size,
+            requantize,
+            calib,
+            json,
+        } => {
+            let opts = qforge::lora::MergeOptions {
+                adapters,
+                dtype,
+                ggml_type,
+                strict,
+                max_shard_size,
+                requantize,
+                calib,
+                progress,
+            };
             let report = qforge::lora::merge(&base, &output, &opts)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);

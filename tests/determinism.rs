@@ -3,8 +3,9 @@
 //! byte-identical to the first run's (perplexity: the bits of its `ppl`, not its timings).
 //!
 //! Steps feed each other (the HF export is converted to F16, which is quantized), so they run in order
-//! in one test. A new command joins by one more `Step` in `steps()`; GPTQ (`quantize --method gptq`,
-//! another piece of work) belongs there too once it lands.
+//! in one test. A new command joins by one more `Step` in `steps()`. GPTQ and AWQ calibrate on the
+//! committed text excerpt with 4 sequences of 64 tokens: their cost is the per-linear rounding, not the
+//! calibration, and a few sequences already exercise the threaded activation and Hessian sums.
 
 mod common;
 
@@ -35,6 +36,8 @@ fn steps(fixture: &str, adapter: &str, text: &str, first: &dyn Fn(&str) -> Strin
     let (hf, f16) = (first("gguf-to-hf-f32"), first("hf-to-gguf-f16"));
     // IQ4_NL's scale search is slow: layers 3-29 get Q8_0 so that the step stays quick.
     let iq4_nl_rule = r"blk\.([3-9]|[12][0-9])\.=Q8_0";
+    let calib = ["--calib", text, "--nsamples", "4", "--seqlen", "64"];
+    let calibrated = |args: &[&'static str]| -> Vec<&str> { [&["quantize", f16.as_str()], args, &calib].concat() };
     vec![
         step("gguf-to-hf-f32", &["convert", fixture, "--dtype", "f32"], "hf"),
         step("hf-to-gguf-f16", &["convert", &hf, "--dtype", "f16"], "out.gguf"),
@@ -42,6 +45,10 @@ fn steps(fixture: &str, adapter: &str, text: &str, first: &dyn Fn(&str) -> Strin
         step("quantize-Q4_K_M", &["quantize", &f16, "--type", "Q4_K_M"], "out.gguf"),
         step("quantize-Q3_K_M", &["quantize", &f16, "--type", "Q3_K_M"], "out.gguf"),
         step("quantize-IQ4_NL", &["quantize", &f16, "--type", "IQ4_NL", "--tensor-type", iq4_nl_rule], "out.gguf"),
+        // The fixture's width (576) is not a multiple of the default group size (128).
+        step("gptq-gptq", &calibrated(&["--method", "gptq", "--format", "gptq", "--group-size", "64"]), "hf"),
+        step("awq-awq", &calibrated(&["--method", "awq", "--format", "awq", "--group-size", "64"]), "hf"),
+        step("gptq-gguf-Q4_0", &calibrated(&["--method", "gptq", "--format", "gguf", "--type", "Q4_0"]), "out.gguf"),
         step("merge-lora", &["merge-lora", fixture, "--adapter", adapter], "out.gguf"),
         step("imatrix", &["imatrix", fixture, "--calib", text, "--ctx", "64", "--chunks", "2"], "out.gguf"),
         Step {

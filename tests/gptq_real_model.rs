@@ -17,8 +17,15 @@ use qforge::quant::gptq::{pipeline, GptqConfig, GroupQuantized};
 use qforge::runtime::Model;
 use quantized::{calibration, f32_bytes, rebuilt, rtn_all, HeldOut};
 
-const W4_G64: GptqConfig =
-    GptqConfig { bits: 4, group_size: Some(64), sym: true, act_order: false, static_groups: false, damp: 0.01 };
+const W4_G64: GptqConfig = GptqConfig {
+    bits: 4,
+    group_size: Some(64),
+    sym: true,
+    act_order: false,
+    static_groups: false,
+    damp: 0.01,
+    shrink: 0.0,
+};
 
 /// GPTQ's quantized linears by GGUF name.
 fn run_gptq(model: &Model, calib: &CalibrationSet, config: &GptqConfig) -> BTreeMap<String, GroupQuantized> {

@@ -27,10 +27,12 @@ use serde::Serialize;
 use super::adapter::{Adapter, AdapterSpec, LoraModule, TargetName};
 use super::base::{Base, BaseTensor};
 use super::math::{self, LowRank, Norms, Orientation};
+use super::packed::Requantize;
 use crate::convert::FloatType;
 use crate::model::names;
 use crate::model::source::Storage;
 use crate::progress::Progress;
+use crate::quant::method::CalibArgs;
 use crate::quant::quantize_tensor;
 
 pub struct MergeOptions {
@@ -43,6 +45,10 @@ pub struct MergeOptions {
     pub strict: bool,
     /// Shard size of HF output.
     pub max_shard_size: Option<u64>,
+    /// GPTQ/AWQ bases: how merged linears go back onto the grid (default: GPTQ for GPTQ bases, RTN for AWQ).
+    pub requantize: Option<Requantize>,
+    /// The calibration sample of `Requantize::Gptq`.
+    pub calib: CalibArgs,
     pub progress: Progress,
 }
 
@@ -56,6 +62,9 @@ pub struct MergeReport {
     pub copied: usize,
     pub bytes_written: u64,
     pub seconds: f64,
+    /// How the merged linears of a GPTQ/AWQ base went back onto its grid.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requantize: Option<Requantize>,
 }
 
 #[derive(Debug, Serialize)]
@@ -108,6 +117,13 @@ impl MergeReport {
                 "{:<40} {:<16} {:>5} {:>18} {:>12} {:>14.6e}",
                 t.name, t.change, t.rank, scales, types, t.relative_delta
             );
+        }
+        if let Some(r) = self.requantize {
+            let how = match r {
+                Requantize::Gptq => "GPTQ on calibration activations",
+                Requantize::Rtn => "rounding to nearest",
+            };
+            let _ = writeln!(out, "merged linears quantized again by {how}, on the base's grid");
         }
         let _ = writeln!(
             out,
@@ -171,15 +187,15 @@ pub fn merge(base_path: &Path, output: &Path, opts: &MergeOptions) -> Result<Mer
     let tensors = base.tensors();
     let work = plan(&base, &tensors, &adapters)?;
     if let Base::Packed(source) = &base {
-        let (merged, copied, bytes_written) =
-            super::packed::merge(&base, source, &tensors, &work, &adapters, output, opts)?;
+        let packed = super::packed::merge(&base, source, &tensors, &work, &adapters, output, opts)?;
         return Ok(MergeReport {
             output: output.to_path_buf(),
             adapters: adapter_summaries(&adapters),
-            merged,
-            copied,
-            bytes_written,
+            merged: packed.merged,
+            copied: packed.copied,
+            bytes_written: packed.bytes_written,
             seconds: started.elapsed().as_secs_f64(),
+            requantize: Some(packed.requantize),
         });
     }
     let out_types = output_types(&base, &tensors, &work, opts)?;
@@ -224,6 +240,7 @@ pub fn merge(base_path: &Path, output: &Path, opts: &MergeOptions) -> Result<Mer
         merged,
         bytes_written,
         seconds: started.elapsed().as_secs_f64(),
+        requantize: None,
     })
 }
 
@@ -294,6 +311,8 @@ fn check_compatible(base: &Base, adapters: &[Adapter], output: &Path, opts: &Mer
                 output.display()
             );
         }
+    } else if let Some(flag) = opts.requantize.map(|_| "--requantize").or(opts.calib.first_set()) {
+        bail!("{}: {flag} applies to GPTQ/AWQ bases only", base.path().display());
     } else if base.is_gguf() {
         if output.is_dir() {
             bail!("{}: is a directory; a GGUF base merges into a GGUF file", output.display());
@@ -500,7 +519,16 @@ fn warn_about_requantization(tensors: &[BaseTensor], work: &BTreeMap<usize, Work
 
 /// The merged values of one base tensor (file row order) and how far they moved.
 pub(super) fn apply(base: &Base, t: &BaseTensor, w: &Work, adapters: &[Adapter]) -> Result<(Vec<f32>, Norms)> {
-    let mut values = base.decode(t)?;
+    apply_to(base.decode(t)?, t, w, adapters)
+}
+
+/// [`apply`] onto `values`, the tensor's weights as the caller holds them (file row order).
+pub(super) fn apply_to(
+    mut values: Vec<f32>,
+    t: &BaseTensor,
+    w: &Work,
+    adapters: &[Adapter],
+) -> Result<(Vec<f32>, Norms)> {
     let original = (w.steps() > 1).then(|| values.clone());
     let mut norms = Norms::default();
     if let Some((ai, ri)) = w.replacement {

@@ -7,7 +7,8 @@
 //!   thread count.
 //! - [`base`]: the model merged into, HF directory or GGUF, as one list of tensors.
 //! - [`merge`]: `qforge merge-lora`, streaming the base tensor by tensor.
-//! - `packed`: merging into a GPTQ/AWQ base, written in its own format.
+//! - `packed`: merging into a GPTQ/AWQ base, written in its own format, the merged linears
+//!   quantized again by GPTQ on calibration activations or rounded to nearest ([`Requantize`]).
 //! - [`export`]: `qforge convert ADAPTER_DIR`, a PEFT adapter written as a llama.cpp LoRA GGUF.
 
 pub mod adapter;
@@ -20,3 +21,4 @@ pub mod select;
 
 pub use adapter::{Adapter, AdapterSpec};
 pub use merge::{merge, MergeOptions, MergeReport};
+pub use packed::Requantize;

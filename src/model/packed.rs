@@ -364,6 +364,18 @@ mod tests {
             write_dir(&packed_dir, &m, &packed, Some(p.config()));
             write_dir(&dense_dir, &m, &dense, None);
 
+            // `inspect` counts a packed linear as its logical weight, all its parts' bytes together.
+            let (inspected, inspected_dense) =
+                (crate::inspect::inspect(&packed_dir).unwrap(), crate::inspect::inspect(&dense_dir).unwrap());
+            assert_eq!(inspected.parameters, inspected_dense.parameters, "{what}");
+            let format = PackedFormat::from_dir(&packed_dir).unwrap().unwrap();
+            let linears = &inspected.by_type[format.name()];
+            assert_eq!(linears.tensors, 7 * m.config.num_layers, "{what}");
+            // Codes, scales and zeros, plus GPTQ's g_idx (32 bits per input column, large next to this model's
+            // few output rows).
+            let expected = format.bits_per_weight()..format.bits_per_weight() + 1.0;
+            assert!(expected.contains(&linears.bits_per_weight), "{what}: {linears:?}");
+
             // The loaders' weights, through the source (what convert and quantize read).
             let (src, reference) = (ModelSource::open(&packed_dir).unwrap(), ModelSource::open(&dense_dir).unwrap());
             let q = src.tensor("blk.1.attn_q.weight").unwrap();

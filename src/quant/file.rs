@@ -297,13 +297,15 @@ fn tensor_plans(plan: &ModelPlan, order: impl IntoIterator<Item = usize>) -> Vec
 pub struct GgufGptqOptions {
     /// Fraction of the mean Hessian diagonal added to the diagonal.
     pub damp: f64,
+    /// Fraction by which the Hessian's off-diagonal terms shrink toward its diagonal.
+    pub shrink: f64,
     /// Within each block, quantize columns by decreasing Hessian diagonal.
     pub act_order: bool,
 }
 
 impl Default for GgufGptqOptions {
     fn default() -> Self {
-        Self { damp: 0.01, act_order: false }
+        Self { damp: 0.01, shrink: gptq::SHRINK, act_order: false }
     }
 }
 
@@ -328,7 +330,8 @@ pub fn quantize_gptq(
             let importance = out.importance(i);
             let (bytes, dequantized) = match to.traits().grid {
                 Some(_) => {
-                    let config = BlockGptqConfig { ty: to, damp: gptq.damp, act_order: gptq.act_order };
+                    let config =
+                        BlockGptqConfig { ty: to, damp: gptq.damp, shrink: gptq.shrink, act_order: gptq.act_order };
                     let out = gptq_blocks(job.weights, job.rows, job.cols, job.hessian, importance, &config)
                         .with_context(|| format!("{}: tensor '{}': GPTQ failed", input.display(), job.name))?;
                     (out.bytes, out.dequantized)

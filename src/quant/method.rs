@@ -10,7 +10,8 @@
 //!
 //! Defaults follow the reference tools: 4 bits, group size 128, symmetric for GPTQ (AutoGPTQ) and
 //! asymmetric for AWQ (AutoAWQ's `zero_point`), dampening 0.01, 128 calibration sequences of 512 tokens
-//! from the embedded corpus.
+//! from the embedded corpus. One default departs from AutoGPTQ: GPTQ's Hessian has its off-diagonal
+//! terms shrunk by [`gptq::SHRINK`] (`--shrink 0` restores the plain Hessian).
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -79,6 +80,11 @@ pub struct GridArgs {
     /// GPTQ: dampening, a fraction of the mean Hessian diagonal (default 0.01).
     #[arg(long)]
     pub damp: Option<f64>,
+    /// GPTQ: shrink the Hessian's off-diagonal terms toward its diagonal by this fraction, so the
+    /// error feedback leans less on the calibration text's channel correlations (default 0.7; 0 is
+    /// AutoGPTQ's plain Hessian).
+    #[arg(long)]
+    pub shrink: Option<f64>,
 }
 
 /// The calibration sample of GPTQ and AWQ; `None` leaves the default.
@@ -97,6 +103,20 @@ pub struct CalibArgs {
     /// Seed of the sequences' positions in the text (default 0).
     #[arg(long)]
     pub seed: Option<u64>,
+}
+
+impl CalibArgs {
+    /// The first calibration flag given, for refusing it where nothing is calibrated.
+    pub fn first_set(&self) -> Option<&'static str> {
+        [
+            (self.calib.is_some(), "--calib"),
+            (self.nsamples.is_some(), "--nsamples"),
+            (self.seqlen.is_some(), "--seqlen"),
+            (self.seed.is_some(), "--seed"),
+        ]
+        .into_iter()
+        .find_map(|(set, flag)| set.then_some(flag))
+    }
 }
 
 pub struct MethodOptions {
@@ -224,7 +244,15 @@ pub fn run(input: &Path, output: &Path, opts: &MethodOptions) -> Result<MethodRe
             let mut export = PackedExport::create(&source, output, format, produced_norms)?;
             let calibrated = match (&quantizer, &calib) {
                 (Quantizer::Gptq(c), Some(calib)) => {
-                    let sink = |name: &str, q: &gptq::GptqOutput| export.linear(name, &q.weight);
+                    let sink = |name: &str, q: &gptq::GptqOutput| {
+                        export.linear(name, &q.weight)?;
+                        // The pipeline never reads a quantized linear's source weights again: without
+                        // this their mapped pages would pile up, a layer's worth per layer.
+                        if let Some(t) = source.tensor(name) {
+                            source.release(t);
+                        }
+                        Ok(())
+                    };
                     Some(Calibrated::Gptq(pipeline::quantize(&model, calib, c, opts.progress, sink)?))
                 }
                 (Quantizer::Awq(c), Some(calib)) => {
@@ -281,17 +309,15 @@ fn resolve(opts: &MethodOptions) -> Result<Job<'_>> {
         );
     }
     let calibrated = method != Method::Rtn;
-    let calib_flag = [
-        (calib.calib.is_some(), "--calib"),
-        (calib.nsamples.is_some(), "--nsamples"),
-        (calib.seqlen.is_some(), "--seqlen"),
-        (calib.seed.is_some(), "--seed"),
-    ];
-    if let (Some((_, flag)), false) = (calib_flag.iter().find(|(set, _)| *set), calibrated) {
+    if let (Some(flag), false) = (calib.first_set(), calibrated) {
         bail!("{flag} sets the calibration sample of --method gptq and awq; --method rtn uses none");
     }
-    let gptq_only =
-        [(grid.act_order, "--act-order"), (grid.static_groups, "--static-groups"), (grid.damp.is_some(), "--damp")];
+    let gptq_only = [
+        (grid.act_order, "--act-order"),
+        (grid.static_groups, "--static-groups"),
+        (grid.damp.is_some(), "--damp"),
+        (grid.shrink.is_some(), "--shrink"),
+    ];
     if let (Some((_, flag)), false) = (gptq_only.iter().find(|(set, _)| *set), method == Method::Gptq) {
         bail!("{flag} applies to --method gptq only");
     }
@@ -312,8 +338,13 @@ fn resolve(opts: &MethodOptions) -> Result<Job<'_>> {
         return match method {
             Method::Rtn => Ok(Job::Gguf(gguf)),
             Method::Gptq => {
-                let damp = grid.damp.unwrap_or(GgufGptqOptions::default().damp);
-                Ok(Job::GptqGguf(gguf, GgufGptqOptions { damp, act_order: grid.act_order }))
+                let defaults = GgufGptqOptions::default();
+                let options = GgufGptqOptions {
+                    damp: grid.damp.unwrap_or(defaults.damp),
+                    shrink: grid.shrink.unwrap_or(defaults.shrink),
+                    act_order: grid.act_order,
+                };
+                Ok(Job::GptqGguf(gguf, options))
             }
             Method::Awq => {
                 // GGUF's block formats group 32 weights (k-quants' sub-blocks at most 32), so AWQ's
@@ -342,6 +373,7 @@ fn resolve(opts: &MethodOptions) -> Result<Job<'_>> {
         act_order: grid.act_order,
         static_groups: grid.static_groups,
         damp: grid.damp.unwrap_or(0.01),
+        shrink: grid.shrink.unwrap_or(gptq::SHRINK),
     };
     let packed = if format == Format::Awq {
         if bits != 4 {
@@ -381,6 +413,7 @@ fn grid_flag_of(e: &gptq::GptqError) -> &'static str {
         gptq::GptqError::GroupSize(_) => "--group-size",
         gptq::GptqError::StaticGroupsWithoutGroups => "--static-groups",
         gptq::GptqError::Damp(_) => "--damp",
+        gptq::GptqError::Shrink(_) => "--shrink",
         _ => "grid",
     }
 }
@@ -390,7 +423,7 @@ fn name(v: impl clap::ValueEnum) -> String {
 }
 
 /// The calibration sequences: `--calib` or the embedded corpus, tokenized with the model's tokenizer.
-fn calibration_set(source: &ModelSource, args: &CalibArgs) -> Result<CalibrationSet> {
+pub(crate) fn calibration_set(source: &ModelSource, args: &CalibArgs) -> Result<CalibrationSet> {
     let corpus = match &args.calib {
         Some(path) => Corpus::load(path)?,
         None => Corpus::embedded(),

@@ -67,7 +67,7 @@ impl AwqConfig {
             sym: !self.zero_point,
             act_order: false,
             static_groups: false,
-            damp: GptqConfig::default().damp,
+            ..GptqConfig::default()
         }
     }
 }
@@ -272,12 +272,12 @@ impl Capture {
     fn finish(self) -> Result<Vec<GroupInput>> {
         self.abs_sums
             .into_iter()
-            .zip(&self.hessians)
+            .zip(self.hessians)
             .map(|(sums, acc)| {
+                let (n, rows) = (acc.dim(), acc.rows());
                 let h = acc.finish()?;
-                let n = acc.dim();
                 Ok(GroupInput {
-                    x_mean: sums.iter().map(|s| s / acc.rows() as f64).collect(),
+                    x_mean: sums.iter().map(|s| s / rows as f64).collect(),
                     hessian: (0..n * n).map(|i| h.get(i / n, i % n) as f32).collect(),
                 })
             })

@@ -17,8 +17,8 @@ use formats::GgmlType;
 use rayon::prelude::*;
 
 use super::{
-    by_decreasing_diagonal, dead_columns, error_feedback, inverse_factor, without_dead_columns, GptqError, Hessian,
-    BLOCK_SIZE, ROW_CHUNK,
+    by_decreasing_diagonal, check_regularization, dead_columns, error_feedback, inverse_factor, without_dead_columns,
+    GptqError, Hessian, BLOCK_SIZE, ROW_CHUNK,
 };
 
 /// [`gptq_blocks`]'s result.
@@ -40,6 +40,8 @@ pub struct BlockGptqConfig {
     pub ty: GgmlType,
     /// Fraction of the mean Hessian diagonal added to the diagonal.
     pub damp: f64,
+    /// Fraction by which the Hessian's off-diagonal terms shrink toward its diagonal ([`super::SHRINK`]).
+    pub shrink: f64,
     /// Within each block, quantize columns by decreasing Hessian diagonal (blocks stay in order: a
     /// block's parameters are fitted when the loop reaches it).
     pub act_order: bool,
@@ -70,9 +72,7 @@ pub fn gptq_blocks(
     if h.dim() != cols || importance.is_some_and(|v| v.len() != cols) {
         return Err(GptqError::Shape(format!("the Hessian or importance does not have {cols} columns")));
     }
-    if !(0.0..1.0).contains(&damp) {
-        return Err(GptqError::Damp(damp));
-    }
+    check_regularization(damp, config.shrink)?;
     if let Some(i) = w.iter().position(|v| !v.is_finite()) {
         return Err(GptqError::NonFiniteWeight { row: i / cols, column: i % cols, value: w[i] });
     }
@@ -82,7 +82,7 @@ pub fn gptq_blocks(
     if config.act_order {
         perm.chunks_mut(traits.block_size).for_each(|block| by_decreasing_diagonal(h, &dead, block));
     }
-    let (u, damp) = inverse_factor(h, &dead, &perm, damp)?;
+    let (u, damp) = inverse_factor(h, &dead, &perm, damp, config.shrink)?;
     let fit_weights: Vec<f32> = (0..cols).map(|c| h.get(c, c) as f32 * importance.map_or(1.0, |imp| imp[c])).collect();
     let format = Format { ty, grid, encode, fit_weights: &fit_weights, perm: &perm };
     let chunks: Vec<(Vec<u8>, f64)> =
@@ -180,6 +180,7 @@ fn lcm(a: usize, b: usize) -> usize {
 mod tests {
     use super::*;
     use crate::quant::gptq::tests::{correlated_activations, hessian_of};
+    use crate::quant::gptq::SHRINK;
 
     /// `tr(ΔW H ΔWᵀ)`.
     fn hessian_error(w: &[f32], w_hat: &[f32], h: &Hessian, cols: usize) -> f64 {
@@ -218,7 +219,9 @@ mod tests {
             .into_iter()
             .flat_map(|ty| [(ty, false), (ty, true)])
         {
-            let out = gptq_blocks(&w, rows, cols, &h, None, &BlockGptqConfig { ty, damp: 0.01, act_order }).unwrap();
+            let out =
+                gptq_blocks(&w, rows, cols, &h, None, &BlockGptqConfig { ty, damp: 0.01, shrink: 0.0, act_order })
+                    .unwrap();
             let mut decoded = vec![0f32; rows * cols];
             ty.dequantize(&out.bytes, &mut decoded).unwrap();
             assert_eq!(decoded, out.dequantized, "{ty}: bytes and weights agree");
@@ -236,7 +239,7 @@ mod tests {
         let w = crate::quant::gptq::tests::noise(rows * cols, 10);
         let run = |threads| {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-            let config = BlockGptqConfig { ty: GgmlType::Q4_K, damp: 0.01, act_order: true };
+            let config = BlockGptqConfig { ty: GgmlType::Q4_K, damp: 0.01, shrink: SHRINK, act_order: true };
             pool.install(|| gptq_blocks(&w, rows, cols, &h, None, &config).unwrap())
         };
         assert_eq!(run(1), run(3));
@@ -246,7 +249,7 @@ mod tests {
     fn refuses_rows_of_partial_blocks_and_types_without_a_grid() {
         let h = Hessian::identity(48);
         let w = vec![0.5f32; 2 * 48];
-        let config = |ty| BlockGptqConfig { ty, damp: 0.01, act_order: false };
+        let config = |ty| BlockGptqConfig { ty, damp: 0.01, shrink: SHRINK, act_order: false };
         assert!(matches!(gptq_blocks(&w, 2, 48, &h, None, &config(GgmlType::Q4_0)), Err(GptqError::Shape(_))));
         let h = Hessian::identity(32);
         assert!(matches!(gptq_blocks(&w[..64], 2, 32, &h, None, &config(GgmlType::F16)), Err(GptqError::Shape(_))));

@@ -90,16 +90,18 @@ impl HessianAccumulator {
         }
     }
 
-    /// `2/n` times the sum; an error when no rows were added.
-    pub fn finish(&self) -> Result<Hessian, GptqError> {
+    /// `2/n` times the sum, in the sum's own buffer (for a 7B model's FFN width one such matrix is about
+    /// 1 GB); an error when no rows were added.
+    pub fn finish(self) -> Result<Hessian, GptqError> {
         if self.rows == 0 {
             return Err(GptqError::NoActivations);
         }
         let (dim, scale) = (self.dim, 2.0 / self.rows as f64);
-        let mut values = vec![0.0; dim * dim];
+        let mut values = self.sum;
+        // Row i reads only its upper part (column >= i), which no earlier row has written to.
         for i in 0..dim {
             for j in i..dim {
-                let v = self.sum[i * dim + j] * scale;
+                let v = values[i * dim + j] * scale;
                 values[i * dim + j] = v;
                 values[j * dim + i] = v;
             }
@@ -140,16 +142,18 @@ impl Hessian {
 }
 
 /// The upper Cholesky factor `U` of `(H + λI)⁻¹` (so `(H + λI)⁻¹ = UᵀU`), row-major f32, with
-/// `λ = damp · mean(diag H)`. `h` is row-major `n × n` and symmetric.
+/// `λ = damp · mean(diag H)`. `h(i, j)` gives the symmetric `n × n` matrix's entries: it is read into
+/// the factorization's own buffer, so at most two `n × n` f64 matrices are ever alive here.
 ///
 /// Returns `None` when `H + λI` (or its computed inverse) is not numerically positive definite.
-pub(super) fn inverse_upper_cholesky(h: &[f64], n: usize, damp: f64) -> Option<Vec<f32>> {
-    let mean_diag = (0..n).map(|i| h[i * n + i]).sum::<f64>() / n as f64;
-    let mut a = Mat::<f64>::from_fn(n, n, |i, j| h[i * n + j] + if i == j { damp * mean_diag } else { 0.0 });
+pub(super) fn inverse_upper_cholesky(n: usize, h: impl Fn(usize, usize) -> f64, damp: f64) -> Option<Vec<f32>> {
+    let mean_diag = (0..n).map(|i| h(i, i)).sum::<f64>() / n as f64;
+    let mut a = Mat::<f64>::from_fn(n, n, |i, j| h(i, j) + if i == j { damp * mean_diag } else { 0.0 });
     cholesky_lower(&mut a)?;
     let mut inverse = Mat::<f64>::zeros(n, n);
     let mut buffer = MemBuffer::new(llt::inverse::inverse_scratch::<f64>(n, Par::Seq));
     llt::inverse::inverse(inverse.as_mut(), a.as_ref(), Par::Seq, MemStack::new(&mut buffer));
+    drop(a);
     // Only the lower triangle of the inverse is written; the factorization reads only that triangle.
     cholesky_lower(&mut inverse)?;
     let mut upper = vec![0f32; n * n];
@@ -198,8 +202,8 @@ mod tests {
         let mut acc = HessianAccumulator::new(dim);
         acc.add(&x[..300 * dim]);
         acc.add(&x[300 * dim..]);
-        let h = acc.finish().unwrap();
         assert_eq!(acc.rows(), rows);
+        let h = acc.finish().unwrap();
         for (i, j) in [(0, 0), (3, 150), (150, 3), (164, 164), (100, 160)] {
             let exact: f64 = (0..rows).map(|r| f64::from(x[r * dim + i]) * f64::from(x[r * dim + j])).sum();
             let exact = 2.0 * exact / rows as f64;
@@ -220,7 +224,7 @@ mod tests {
         let mut acc = HessianAccumulator::new(n);
         acc.add(&x);
         let h = acc.finish().unwrap();
-        let u = inverse_upper_cholesky(&h.values, n, 0.01).unwrap();
+        let u = inverse_upper_cholesky(n, |i, j| h.get(i, j), 0.01).unwrap();
         let mean = (0..n).map(|i| h.get(i, i)).sum::<f64>() / n as f64;
         // (UᵀU)(H + λI) = I
         for i in 0..n {
@@ -238,8 +242,8 @@ mod tests {
 
     #[test]
     fn indefinite_matrices_have_no_factor() {
-        let h = [1.0, 2.0, 2.0, 1.0];
-        assert!(inverse_upper_cholesky(&h, 2, 0.01).is_none());
-        assert!(inverse_upper_cholesky(&h, 2, 1.5).is_some());
+        let h = |i: usize, j: usize| if i == j { 1.0 } else { 2.0 };
+        assert!(inverse_upper_cholesky(2, h, 0.01).is_none());
+        assert!(inverse_upper_cholesky(2, h, 1.5).is_some());
     }
 }

@@ -36,6 +36,18 @@ pub const BLOCK_SIZE: usize = 128;
 /// Group sizes accepted besides "one group per row": they divide [`BLOCK_SIZE`], so no group straddles two
 /// lazy batches.
 pub const SUPPORTED_GROUP_SIZES: [usize; 3] = [32, 64, 128];
+/// The default shrinkage of the Hessian's off-diagonal terms: `H' = (1 − s)·H + s·diag(H)` before
+/// dampening and factoring.
+///
+/// GPTQ trusts the calibration text's channel correlations completely: it moves each column's rounding
+/// error onto the columns that are correlated with it *in that text*. Where the evaluation text
+/// correlates channels differently, the moved error lands on inputs that now carry signal. On the
+/// SmolLM2 fixture calibrated on the embedded Shakespeare corpus and evaluated on WikiText-2, plain
+/// GPTQ (s = 0) was worse than round-to-nearest (KL-divergence 0.36 vs 0.32, w4 g64), worst in the
+/// `ffn_down` linears whose Hessians a few tokens dominate; s = 0.3 / 0.5 / 0.7 / 0.8 / 0.9 gave
+/// 0.24 / 0.23 / 0.21 / 0.21 / 0.23. Identity dampening cannot do this (0.1 gave 0.35): it is scaled by
+/// the mean diagonal, which those few tokens set. s = 1 keeps only the diagonal: round-to-nearest.
+pub const SHRINK: f64 = 0.7;
 /// Output rows one parallel task quantizes.
 const ROW_CHUNK: usize = 64;
 
@@ -49,6 +61,8 @@ pub enum GptqError {
     StaticGroupsWithoutGroups,
     #[error("dampening {0} is outside [0, 1)")]
     Damp(f64),
+    #[error("shrinkage {0} is outside [0, 1)")]
+    Shrink(f64),
     #[error("{0}")]
     Shape(String),
     #[error("weight {value} at row {row}, column {column} is not finite")]
@@ -73,11 +87,21 @@ pub struct GptqConfig {
     pub static_groups: bool,
     /// Fraction of the mean Hessian diagonal added to the diagonal (`damp_percent`).
     pub damp: f64,
+    /// Fraction by which the Hessian's off-diagonal terms shrink toward its diagonal (see [`SHRINK`]).
+    pub shrink: f64,
 }
 
 impl Default for GptqConfig {
     fn default() -> Self {
-        Self { bits: 4, group_size: Some(128), sym: true, act_order: false, static_groups: false, damp: 0.01 }
+        Self {
+            bits: 4,
+            group_size: Some(128),
+            sym: true,
+            act_order: false,
+            static_groups: false,
+            damp: 0.01,
+            shrink: SHRINK,
+        }
     }
 }
 
@@ -97,10 +121,7 @@ impl GptqConfig {
         } else if self.static_groups {
             return Err(GptqError::StaticGroupsWithoutGroups);
         }
-        if !(0.0..1.0).contains(&self.damp) {
-            return Err(GptqError::Damp(self.damp));
-        }
-        Ok(())
+        check_regularization(self.damp, self.shrink)
     }
 
     /// Columns per group for a row of `cols` (the whole row when there are no groups).
@@ -161,7 +182,7 @@ pub fn gptq(w: &[f32], rows: usize, cols: usize, h: &Hessian, config: &GptqConfi
     let dead = dead_columns(h);
     let w = without_dead_columns(w, cols, &dead);
     let perm = column_order(h, &dead, config.act_order);
-    let (u, damp) = inverse_factor(h, &dead, &perm, config.damp)?;
+    let (u, damp) = inverse_factor(h, &dead, &perm, config.damp, config.shrink)?;
     let plan = Plan::new(rows, cols, config, perm);
     let chunks: Vec<ChunkResult> =
         w.par_chunks(ROW_CHUNK * cols.max(1)).map(|chunk| quantize_chunk(chunk, cols, &plan, Some(&u))).collect();
@@ -177,6 +198,16 @@ pub fn rtn(w: &[f32], rows: usize, cols: usize, config: &GptqConfig) -> Result<G
     let chunks: Vec<ChunkResult> =
         w.par_chunks(ROW_CHUNK * cols.max(1)).map(|chunk| quantize_chunk(chunk, cols, &plan, None)).collect();
     Ok(plan.assemble(&chunks))
+}
+
+fn check_regularization(damp: f64, shrink: f64) -> Result<(), GptqError> {
+    if !(0.0..1.0).contains(&damp) {
+        return Err(GptqError::Damp(damp));
+    }
+    if !(0.0..1.0).contains(&shrink) {
+        return Err(GptqError::Shrink(shrink));
+    }
+    Ok(())
 }
 
 fn check_weights(w: &[f32], rows: usize, cols: usize) -> Result<(), GptqError> {
@@ -202,17 +233,24 @@ fn without_dead_columns(w: &[f32], cols: usize, dead: &[bool]) -> Vec<f32> {
     w
 }
 
-/// The inverse factor of `H` with its columns in the order `perm` (dead columns given a unit diagonal),
-/// and the dampening it took.
-fn inverse_factor(h: &Hessian, dead: &[bool], perm: &[usize], damp: f64) -> Result<(Vec<f32>, f64), GptqError> {
-    let cols = h.dim();
-    let mut hp = vec![0f64; cols * cols];
-    for (i, &pi) in perm.iter().enumerate() {
-        for (j, &pj) in perm.iter().enumerate() {
-            hp[i * cols + j] = if pi == pj && dead[pi] { 1.0 } else { h.get(pi, pj) };
+/// The inverse factor of `H` with its off-diagonal terms shrunk by `shrink` and its columns in the order
+/// `perm` (dead columns given a unit diagonal), and the dampening it took.
+fn inverse_factor(
+    h: &Hessian,
+    dead: &[bool],
+    perm: &[usize],
+    damp: f64,
+    shrink: f64,
+) -> Result<(Vec<f32>, f64), GptqError> {
+    let entry = |i: usize, j: usize| {
+        let (pi, pj) = (perm[i], perm[j]);
+        match (pi == pj, dead[pi]) {
+            (true, true) => 1.0,
+            (true, false) => h.get(pi, pj),
+            (false, _) => (1.0 - shrink) * h.get(pi, pj),
         }
-    }
-    factor_with_retries(&hp, cols, damp)
+    };
+    factor_with_retries(h.dim(), entry, damp)
 }
 
 /// The order columns are quantized in: natural, or by decreasing Hessian diagonal (dead columns count
@@ -231,11 +269,12 @@ fn by_decreasing_diagonal(h: &Hessian, dead: &[bool], columns: &mut [usize]) {
     columns.sort_by(|&a, &b| key(b).total_cmp(&key(a)).then(a.cmp(&b)));
 }
 
-/// The damped inverse factor, doubling the dampening (from at least 1%) until `H` factors.
-fn factor_with_retries(h: &[f64], n: usize, damp: f64) -> Result<(Vec<f32>, f64), GptqError> {
+/// The damped inverse factor of the matrix `h(i, j)`, doubling the dampening (from at least 1%) until it
+/// factors.
+fn factor_with_retries(n: usize, h: impl Fn(usize, usize) -> f64, damp: f64) -> Result<(Vec<f32>, f64), GptqError> {
     let mut damp = damp;
     loop {
-        if let Some(u) = hessian::inverse_upper_cholesky(h, n, damp) {
+        if let Some(u) = hessian::inverse_upper_cholesky(n, &h, damp) {
             return Ok((u, damp));
         }
         let next = (2.0 * damp).max(0.01);

@@ -18,8 +18,9 @@
 //! Memory, with `N = nsamples · seqlen` calibration tokens, hidden width `d`, `P` parameters per block,
 //! the widest linear `rows × cols` and the widest input `k` (the FFN width for llama):
 //! `4·N·d` (activations) + `4·P` (the block's quantized f32 stand-ins) + `~16·rows·cols` (one linear's
-//! f32 weights and GPTQ's working copies) + `20·k²` (the f64 Hessian sum, the finished f64 Hessian and
-//! the f32 inverse factor) + one sequence's forward buffers. The source's own weights stay mapped.
+//! f32 weights and GPTQ's working copies) + `24·k²` (the f64 Hessian, finished in its sum's buffer, and
+//! the factorization's two f64 matrices; then the f32 inverse factor) + one sequence's forward buffers +
+//! the current block's mapped source weights (callers release each linear's once it is quantized).
 
 use std::time::Instant;
 
@@ -144,7 +145,6 @@ pub fn run(
             report.forward_seconds += start.elapsed().as_secs_f64() - capture.seconds;
             report.hessian_seconds += capture.seconds;
             let hessian = capture.hessian.finish()?;
-            drop(capture);
             for &linear in stage {
                 let name = format!("blk.{l}.{}", linear.gguf_name());
                 bar.set_message(format!("{name} quantizing"));
@@ -281,7 +281,7 @@ mod tests {
             let (l, linear) = (i / linears, BlockLinear::ALL[i % linears]);
             assert_eq!(name, &format!("blk.{l}.{}", linear.gguf_name()));
             let stage = STAGES.iter().position(|s| s.contains(&linear)).unwrap();
-            assert!(hessian == &full.0[l * STAGES.len() + stage].finish().unwrap(), "{name}: Hessians differ");
+            assert!(hessian == &full.0[l * STAGES.len() + stage].clone().finish().unwrap(), "{name}: Hessians differ");
         }
     }
 

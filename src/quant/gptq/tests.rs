@@ -194,7 +194,8 @@ fn a_hessian_that_is_not_positive_definite_is_retried_with_more_damping() {
         .collect();
     let h = Hessian::from_matrix(n, values).unwrap();
     let w = noise(8 * n, 22);
-    let out = gptq(&w, 8, n, &h, &GptqConfig::default()).unwrap();
+    // Shrinking the off-diagonal terms would make this Hessian factor without any damping.
+    let out = gptq(&w, 8, n, &h, &GptqConfig { shrink: 0.0, ..GptqConfig::default() }).unwrap();
     let mean_diag = (0..n).map(|i| h.get(i, i)).sum::<f64>() / n as f64;
     assert!(out.damp * mean_diag > 0.5 && out.damp < 1.0, "damp {}", out.damp);
     assert!(out.weight.dequantized.iter().all(|v| v.is_finite()));
@@ -213,7 +214,9 @@ fn bad_configurations_and_inputs_are_errors() {
         (GptqConfig { bits: 1, ..GptqConfig::default() }, "1-bit"),
         (GptqConfig { group_size: Some(48), ..GptqConfig::default() }, "group size 48"),
         (GptqConfig { group_size: None, static_groups: true, ..GptqConfig::default() }, "needs a group size"),
-        (GptqConfig { damp: 1.0, ..GptqConfig::default() }, "outside [0, 1)"),
+        (GptqConfig { damp: 1.0, ..GptqConfig::default() }, "dampening 1 is outside [0, 1)"),
+        (GptqConfig { shrink: -0.1, ..GptqConfig::default() }, "shrinkage -0.1 is outside [0, 1)"),
+        (GptqConfig { shrink: 1.0, ..GptqConfig::default() }, "shrinkage 1 is outside [0, 1)"),
     ];
     for (config, expected) in bad {
         let err = gptq(&w, 4, 64, &h, &config).unwrap_err().to_string();
@@ -229,4 +232,19 @@ fn bad_configurations_and_inputs_are_errors() {
     assert!(matches!(err, GptqError::NonFiniteWeight { row: 1, column: 6, .. }), "{err:?}");
     assert!(matches!(Hessian::from_matrix(1, vec![f64::INFINITY]), Err(GptqError::NonFiniteHessian(_))));
     assert!(matches!(Hessian::from_matrix(2, vec![1.0]), Err(GptqError::Shape(_))));
+}
+
+#[test]
+fn shrinkage_is_gptq_on_the_hessian_with_scaled_off_diagonal_terms() {
+    let Case { w, h, .. } = case();
+    let n = h.dim();
+    let shrink = 0.6;
+    let shrunk = (0..n * n).map(|i| if i / n == i % n { h.get(i / n, i % n) } else { 0.4 * h.get(i / n, i % n) });
+    let shrunk = Hessian::from_matrix(n, shrunk.collect()).unwrap();
+    for act_order in [false, true] {
+        let config = GptqConfig { group_size: Some(32), act_order, damp: 0.01, shrink, ..GptqConfig::default() };
+        let plain = GptqConfig { shrink: 0.0, ..config };
+        assert_eq!(gptq(&w, ROWS, n, &h, &config).unwrap(), gptq(&w, ROWS, n, &shrunk, &plain).unwrap());
+        assert_ne!(gptq(&w, ROWS, n, &h, &config).unwrap().weight, gptq(&w, ROWS, n, &h, &plain).unwrap().weight);
+    }
 }
