@@ -107,13 +107,14 @@ for ty in Q4_0 Q4_K_M; do
         "$threads" > "$work/llama-quantize.log" 2>&1
 done
 printf '| %-32s | %9s | %8s | %7s |\n' file PPL KLD top-1
-for f in "$work"/Q4_0.gguf "$work"/Q4_0__imatrix.gguf "$work"/llama_Q4_0_imatrix.gguf "$work"/GPTQ_Q4_0.gguf \
-    "$work"/Q4_K_M.gguf "$work"/Q4_K_M__imatrix.gguf "$work"/llama_Q4_K_M_imatrix.gguf "$work"/GPTQ_Q4_K_M.gguf; do
+for f in "$work/$(slug "Q4_0").gguf" "$work/$(slug "Q4_0 + imatrix").gguf" "$work"/llama_Q4_0_imatrix.gguf \
+    "$work/$(slug "GPTQ Q4_0").gguf" "$work/$(slug "Q4_K_M").gguf" "$work/$(slug "Q4_K_M + imatrix").gguf" \
+    "$work"/llama_Q4_K_M_imatrix.gguf "$work/$(slug "GPTQ Q4_K_M").gguf"; do
     log=$f.llama.log
     "$llama_bin/llama-perplexity" -m "$f" --kl-divergence-base "$lbase" --kl-divergence -c 512 -t "$threads" -fa off \
         > "$log" 2>&1
     ppl=$(grep -m1 "Mean PPL(Q)" "$log" | awk '{print $4}')
     kld=$(grep -m1 "^Mean    KLD" "$log" | awk '{print $3}')
-    top1=$(grep -m1 "Same top p" "$log" | awk '{print $4}')
+    top1=$(grep -m1 "^Same top p" "$log" | awk '{print $4}')
     printf '| %-32s | %9s | %8s | %7s |\n' "$(basename "$f")" "$ppl" "$kld" "$top1"
 done
