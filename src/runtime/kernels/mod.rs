@@ -119,8 +119,7 @@ impl Linear for GgmlLinear<'_> {
     }
 
     fn forward(&self, x: &[f32], y: &mut [f32]) {
-        let n = x.len() / self.cols;
-        assert!(x.len() == n * self.cols && y.len() == n * self.rows, "activation shapes do not match the weights");
+        let n = batch_rows(x, y, self.rows, self.cols);
         if n == 0 {
             return;
         }
@@ -130,6 +129,13 @@ impl Linear for GgmlLinear<'_> {
             gemv::gemv(self, x, n, y);
         }
     }
+}
+
+/// The rows of a batch `x` (n × `cols`) for a `rows × cols` linear writing `y` (n × `rows`).
+pub(crate) fn batch_rows(x: &[f32], y: &[f32], rows: usize, cols: usize) -> usize {
+    let n = x.len() / cols;
+    assert!(x.len() == n * cols && y.len() == n * rows, "activation shapes do not match the weights");
+    n
 }
 
 /// A row-major `nrows × ncols` view with rows `row_stride` apart.

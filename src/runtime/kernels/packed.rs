@@ -215,8 +215,7 @@ impl Linear for PackedLinear {
     }
 
     fn forward(&self, x: &[f32], y: &mut [f32]) {
-        let n = x.len() / self.cols;
-        assert!(x.len() == n * self.cols && y.len() == n * self.rows, "activation shapes do not match the weights");
+        let n = super::batch_rows(x, y, self.rows, self.cols);
         if n > 0 {
             gemm::gemm(self, x, n, y);
         }
