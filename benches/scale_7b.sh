@@ -26,7 +26,8 @@
 # Each output is deleted once measured; the checkpoints stay for the next run (they take minutes to write).
 #
 # Environment: THREADS (2), QFORGE_BENCH_DIR (target/bench), QFORGE_FIXTURE (the SmolLM2 fixture),
-# GPTQ_DEPTH_CALIB (4x512), GPTQ_DEPTH_TIMEOUT (0), CUT_LAYERS (2), CUT_CALIB (32x512).
+# GPTQ_DEPTH_CALIB (4x512), GPTQ_DEPTH_TIMEOUT (0), CUT_LAYERS (2), CUT_CALIB (32x512), ONLY (set to `gptq`
+# to run the GPTQ rows alone).
 # Usage: benches/scale_7b.sh | tee target/bench/scale_7b.log
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -123,12 +124,15 @@ calib() { # NxL -> --nsamples N --seqlen L
 echo "checkpoint: $ckpt ($(gb "$(du -sb "$ckpt" | awk '{print $1}')") GB, $(ls "$ckpt"/*.safetensors | wc -l) shards);" \
     "cut: $cut ($cut_layers layers); threads $threads"
 printf "%-44s %9s %9s %9s %9s %9s %10s %s\n" command wall "peak RSS" anon file output target "" | tee "$work/scale_7b.table"
+only=${ONLY:-all}
+if [ "$only" != gptq ]; then
 measure "convert --to gguf --dtype f16" 1536 "$work/synth-7b.f16.gguf" 0 \
     "$qforge" convert "$ckpt" -o "$work/synth-7b.f16.gguf" --to gguf --dtype f16 --threads "$threads" -q
 measure "quantize --type Q4_K_M" 1536 "$work/synth-7b.Q4_K_M.gguf" 0 \
     "$qforge" quantize "$ckpt" -o "$work/synth-7b.Q4_K_M.gguf" --type Q4_K_M --threads "$threads" -q
 measure "merge-lora r16 q/v -> HF BF16" 1536 "$work/synth-7b-merged" 0 \
     "$qforge" merge-lora "$ckpt" --adapter "$adapter" -o "$work/synth-7b-merged" --threads "$threads" -q
+fi
 # shellcheck disable=SC2046 # calib's words are separate options
 measure "gptq --format gptq, $cut_layers layers, $cut_calib" 4096 "$work/synth-7b-cut-gptq" 0 \
     "$qforge" quantize "$cut" -o "$work/synth-7b-cut-gptq" --method gptq --format gptq $(calib "$cut_calib") \

@@ -250,6 +250,18 @@ fn hostile_files_fail_before_allocating_much() {
     std::fs::write(hf.join("model.safetensors"), st).unwrap();
     assert_bounded("config vocab_size 2^24 - 1", &hf, || ModelSource::open(&hf));
 
+    // The same directory with an honest vocab_size, but a tokenizer.json whose one sparse id would size
+    // the vocabulary table (found by fuzzing).
+    std::fs::write(
+        hf.join("config.json"),
+        r#"{"architectures":["LlamaForCausalLM"],"hidden_size":2,"intermediate_size":2,"num_hidden_layers":0,
+            "num_attention_heads":1,"vocab_size":4}"#,
+    )
+    .unwrap();
+    std::fs::write(hf.join("tokenizer.json"), r#"{"model":{"type":"BPE","vocab":{"a":0,"b":2011213},"merges":[]}}"#)
+        .unwrap();
+    assert_bounded("tokenizer.json id 2,011,213", &hf, || ModelSource::open(&hf));
+
     // A PEFT adapter whose config asks for rank 2^40.
     let adapter = dir.path().join("adapter");
     std::fs::create_dir(&adapter).unwrap();

@@ -43,7 +43,8 @@ use crate::model::names;
 use crate::model::packed::{PackMethod, PackedFormat as Packing};
 use crate::model::source::Storage;
 use crate::model::ModelSource;
-use crate::quant::gptq::{self, pipeline, GptqConfig};
+use crate::quant::gptq::pipeline::{self, QuantizedLinear};
+use crate::quant::gptq::{self, GptqConfig};
 use crate::quant::method::calibration_set;
 use crate::quant::packed_export::{PackedExport, PackedFormat};
 use crate::runtime::Model;
@@ -179,15 +180,14 @@ impl Linears<'_> {
             handed_over += 1;
             let Some(w) = self.work.get(&i) else {
                 export.packed_linear(&st.gguf_name, &source.packed(st)?)?;
-                source.release(st);
-                return Ok(job.weights.to_vec());
+                return Ok(QuantizedLinear::Source);
             };
             let (values, norms) = apply_to(job.weights.to_vec(), t, w, self.adapters)?;
             let q = gptq::gptq(&values, job.rows, job.cols, job.hessian, config)
                 .with_context(|| format!("{}: GPTQ on the merged {}", source.path.display(), t.name))?;
             export.linear(&st.gguf_name, &q.weight)?;
             merged.push((i, self.summary(t, w, &norms)));
-            Ok(q.weight.dequantized)
+            QuantizedLinear::grouped(&q.weight)
         })?;
         if handed_over != by_gguf_name.len() {
             bail!(

@@ -4,6 +4,7 @@
 //! type, and each is loaded (decoded to f32, in HF or GGUF row order) or borrowed as raw bytes one at a
 //! time from the memory-mapped files, then released so resident memory stays bounded by one tensor.
 
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -320,6 +321,43 @@ impl ModelSource {
         })
     }
 
+    /// The tensor as f32 in HF row order, handed to `each` whole rows at a time (4 MiB of f32 per call,
+    /// each chunk's mapped pages released once decoded), so a large tensor such as the embedding is never
+    /// decoded, or resident, whole. Tensors whose HF row order differs from the file's (llama q/k) and
+    /// packed linears come in one piece.
+    pub fn for_each_hf_rows(&self, t: &SourceTensor, mut each: impl FnMut(&[f32]) -> Result<()>) -> Result<()> {
+        let ty = match t.storage {
+            Storage::Ggml(ty) => ty,
+            Storage::Safetensors(Dtype::F32) => GgmlType::F32,
+            Storage::Safetensors(Dtype::F16) => GgmlType::F16,
+            Storage::Safetensors(Dtype::BF16) => GgmlType::BF16,
+            _ => return each(&self.load_hf_order(t)?),
+        };
+        let (row, raw) = (row_len(t), self.raw(t));
+        let row_bytes = ty.row_bytes(row as u64).unwrap_or(0) as usize;
+        let rows = t.n_elements() / row;
+        if t.shape.len() != 2
+            || rows == 0
+            || self.qk_heads(t).is_some()
+            || row_bytes == 0
+            || raw.len() != rows * row_bytes
+        {
+            // One piece; a malformed tensor fails there with the decoder's own error.
+            return each(&self.load_hf_order(t)?);
+        }
+        let rows_per_call = (ROWS_CHUNK_VALUES / row).max(1);
+        let mut values = vec![0f32; rows_per_call.min(rows) * row];
+        for (i, bytes) in raw.chunks(rows_per_call * row_bytes).enumerate() {
+            let values = &mut values[..bytes.len() / row_bytes * row];
+            ty.dequantize(bytes, values)
+                .map_err(|e| anyhow::anyhow!("{}: tensor {}: {e}", self.path.display(), t.gguf_name))?;
+            let start = i * rows_per_call * row_bytes;
+            self.release_part(t, start..start + bytes.len());
+            each(values)?;
+        }
+        Ok(())
+    }
+
     /// Lets the OS drop the tensor's mapped pages once it has been consumed.
     pub fn release(&self, t: &SourceTensor) {
         match &self.files {
@@ -328,6 +366,15 @@ impl ModelSource {
                 Storage::Packed(f) => f.release(c, &t.file_name),
                 _ => c.release(&t.file_name),
             },
+        }
+    }
+
+    /// [`release`](Self::release) for the bytes `part` of a tensor's [`raw`](Self::raw) data.
+    fn release_part(&self, t: &SourceTensor, part: Range<usize>) {
+        let part = part.start as u64..part.end as u64;
+        match &self.files {
+            Files::Gguf(f) => f.release_part(f.tensor(&t.file_name).expect("listed tensors exist"), part),
+            Files::Hf(c) => c.release_part(&t.file_name, part),
         }
     }
 
@@ -347,6 +394,9 @@ impl ModelSource {
         self.general.iter().map(|(k, v)| (format!("{GGUF_KEY_PREFIX}{k}"), metadata_to_json(v).to_string())).collect()
     }
 }
+
+/// Values [`ModelSource::for_each_hf_rows`] decodes at a time.
+const ROWS_CHUNK_VALUES: usize = 1 << 20;
 
 fn row_len(t: &SourceTensor) -> usize {
     t.shape.iter().skip(1).product::<usize>().max(1)

@@ -202,6 +202,16 @@ impl Vocab {
         if n > 16 << 20 {
             bail!("tokenizer.json: token id {n} is implausibly large");
         }
+        // Ids are dense in real vocabularies (the model's embedding may add padding rows); a sparse id
+        // would make a tiny file allocate a table as large as the id.
+        let dense = vocab_size.unwrap_or(0).max(2 * entries.len());
+        if let Some((id, tok, _)) = entries.iter().find(|(id, _, _)| *id >= dense) {
+            bail!(
+                "tokenizer.json: token {tok:?} has id {id}, beyond a vocabulary of {} entries{}",
+                entries.len(),
+                vocab_size.map(|v| format!(" and a model vocabulary of {v}")).unwrap_or_default()
+            );
+        }
         let mut tokens: Vec<Option<String>> = vec![None; n];
         let mut scores = vec![0f32; n];
         for (id, tok, score) in entries {
@@ -422,6 +432,22 @@ mod tests {
         let tokenizer = json!({"model": {"type": "BPE", "vocab": {"a": 0, "b": u64::MAX}, "merges": []}});
         let err = Vocab::from_hf(&tokenizer, &Value::Null, None).unwrap_err();
         assert!(err.to_string().contains("implausibly large"), "{err}");
+    }
+
+    #[test]
+    fn sparse_token_ids_are_refused_before_the_table_is_built() {
+        // Found by fuzzing: a 4 KB tokenizer.json with one id of 2,011,213 built a 2M-entry table.
+        let tokenizer = json!({"model": {"type": "BPE", "vocab": {"a": 0, "b": 2_011_213}, "merges": []}});
+        let err = Vocab::from_hf(&tokenizer, &Value::Null, None).unwrap_err().to_string();
+        assert!(err.contains(r#"token "b" has id 2011213, beyond a vocabulary of 2 entries"#), "{err}");
+        let err = Vocab::from_hf(&tokenizer, &Value::Null, Some(1000)).unwrap_err().to_string();
+        assert!(err.contains("and a model vocabulary of 1000"), "{err}");
+        // Padding rows of the model's embedding and small gaps are fine.
+        let (mut padded, cfg) = tiny_bpe().to_hf().unwrap();
+        let n = padded["model"]["vocab"].as_object().unwrap().len();
+        padded["model"]["vocab"]["gap"] = json!(2 * n - 1);
+        assert_eq!(Vocab::from_hf(&padded, &cfg, None).unwrap().tokens.len(), 2 * n);
+        assert_eq!(Vocab::from_hf(&padded, &cfg, Some(3 * n)).unwrap().tokens.len(), 3 * n);
     }
 
     fn tiny_bpe() -> Vocab {

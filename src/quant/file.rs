@@ -26,6 +26,7 @@ use indicatif::ProgressBar;
 use super::awq::{self, AwqConfig, AwqItem, AwqReport};
 use super::gptq;
 use super::gptq::blocks::{gptq_blocks, BlockGptqConfig};
+use super::gptq::pipeline::QuantizedLinear;
 use super::imatrix::Imatrix;
 use super::presets::{plan, ModelShape, PlanOptions, Preset, TensorDesc, TensorTypeRule};
 use super::tensor::{quantize_rows, Rows};
@@ -328,24 +329,19 @@ pub fn quantize_gptq(
             let i = out.step_of(job.name)?;
             let to = out.plan.steps[i].to;
             let importance = out.importance(i);
-            let (bytes, dequantized) = match to.traits().grid {
+            let bytes = match to.traits().grid {
                 Some(_) => {
                     let config =
                         BlockGptqConfig { ty: to, damp: gptq.damp, shrink: gptq.shrink, act_order: gptq.act_order };
-                    let out = gptq_blocks(job.weights, job.rows, job.cols, job.hessian, importance, &config)
-                        .with_context(|| format!("{}: tensor '{}': GPTQ failed", input.display(), job.name))?;
-                    (out.bytes, out.dequantized)
+                    gptq_blocks(job.weights, job.rows, job.cols, job.hessian, importance, &config)
+                        .with_context(|| format!("{}: tensor '{}': GPTQ failed", input.display(), job.name))?
+                        .bytes
                 }
                 // A type without levels to choose (a float type a rule keeps): stored as it encodes.
-                None => {
-                    let bytes = out.encode(i, job.weights, job.cols)?;
-                    let mut dequantized = vec![0f32; job.weights.len()];
-                    to.dequantize(&bytes, &mut dequantized).map_err(|e| anyhow!("{}: {e}", job.name))?;
-                    (bytes, dequantized)
-                }
+                None => out.encode(i, job.weights, job.cols)?,
             };
-            out.produced(i, bytes)?;
-            Ok(dequantized)
+            out.produced(i, bytes.clone())?;
+            Ok(QuantizedLinear::Blocks(to, bytes))
         })?;
         Ok(())
     })

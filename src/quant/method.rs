@@ -244,15 +244,7 @@ pub fn run(input: &Path, output: &Path, opts: &MethodOptions) -> Result<MethodRe
             let mut export = PackedExport::create(&source, output, format, produced_norms)?;
             let calibrated = match (&quantizer, &calib) {
                 (Quantizer::Gptq(c), Some(calib)) => {
-                    let sink = |name: &str, q: &gptq::GptqOutput| {
-                        export.linear(name, &q.weight)?;
-                        // The pipeline never reads a quantized linear's source weights again: without
-                        // this their mapped pages would pile up, a layer's worth per layer.
-                        if let Some(t) = source.tensor(name) {
-                            source.release(t);
-                        }
-                        Ok(())
-                    };
+                    let sink = |name: &str, q: &gptq::GptqOutput| export.linear(name, &q.weight);
                     Some(Calibrated::Gptq(pipeline::quantize(&model, calib, c, opts.progress, sink)?))
                 }
                 (Quantizer::Awq(c), Some(calib)) => {
@@ -435,7 +427,24 @@ pub(crate) fn calibration_set(source: &ModelSource, args: &CalibArgs) -> Result<
         seqlen: args.seqlen.unwrap_or(defaults.seqlen),
         seed: args.seed.unwrap_or(defaults.seed),
     };
-    sample(&corpus, &tokenizer, options)
+    let sample = sample(&corpus, &tokenizer, options);
+    drop((tokenizer, corpus));
+    return_freed_heap();
+    sample
+}
+
+/// Hands the heap pages freed so far back to the OS, and has every later allocation of 1 MiB or more
+/// mapped on its own. Building the tokenizer and tokenizing the corpus leave tens of MB of freed small
+/// allocations that glibc keeps; and the calibrated quantizers allocate and free block-sized buffers
+/// (Hessians, factors, weights), which glibc's adaptive threshold would otherwise keep in the heap once
+/// the first is freed. Those quantizers are meant to hold little more than their activations.
+fn return_freed_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt and malloc_trim only tune and release the allocator's own free memory.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+        libc::malloc_trim(0);
+    }
 }
 
 /// Round-to-nearest of every block linear, in block order.

@@ -9,8 +9,10 @@
 //! - [`gptq`]: GPTQ for one linear layer (Hessian accumulation, error-feedback rounding) and RTN on the
 //!   same grouped integer grid.
 //! - [`method`]: `qforge quantize --method --format`: validation and orchestration of each pair.
+//! - [`activations`]: the calibration activations the layer-by-layer quantizers carry between blocks.
 //! - [`packed_export`]: GPTQ/AWQ Hugging Face directories (packed integer linears, f16 elsewhere).
 
+pub mod activations;
 pub mod awq;
 pub mod file;
 pub mod gptq;

@@ -292,19 +292,24 @@ impl<'s> PackedExport<'s> {
     fn flush(&mut self) -> Result<()> {
         let writer = self.writer.as_mut().expect("open until finished");
         while let Some((plan, content)) = self.plan.get(self.next) {
-            let bytes = match content {
+            match content {
                 Content::Source(t) => {
-                    let bytes = FloatType::F16.encode(&self.source.load_hf_order(t)?);
+                    // Row chunks: the embedding alone would be hundreds of MB of f32 at once.
+                    self.source.for_each_hf_rows(t, |values| {
+                        let bytes = FloatType::F16.encode(values);
+                        self.bytes_written += bytes.len() as u64;
+                        Ok(writer.write_tensor_part(&plan.name, &bytes)?)
+                    })?;
                     self.source.release(t);
-                    bytes
                 }
                 Content::Produced => match self.pending.remove(&plan.name) {
-                    Some(bytes) => bytes,
+                    Some(bytes) => {
+                        writer.write_tensor(&plan.name, &bytes)?;
+                        self.bytes_written += bytes.len() as u64;
+                    }
                     None => break,
                 },
-            };
-            writer.write_tensor(&plan.name, &bytes)?;
-            self.bytes_written += bytes.len() as u64;
+            }
             self.next += 1;
         }
         Ok(())

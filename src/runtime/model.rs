@@ -109,6 +109,7 @@ pub struct Model<'a> {
     pub output_norm: Vec<f32>,
     /// `vocab × hidden`: `output.weight`, or `token_embd` again when the head is tied.
     pub output: GgmlLinear<'a>,
+    source: &'a ModelSource,
 }
 
 impl<'a> Model<'a> {
@@ -156,7 +157,17 @@ impl<'a> Model<'a> {
             layers,
             output_norm: loader.vector("output_norm.weight", hidden)?,
             output,
+            source,
         })
+    }
+
+    /// Lets the OS drop the mapped pages of the source tensor `gguf_name` (a no-op for a tensor the
+    /// source does not have): for a weight that will not be read again, or only rarely. Reading it
+    /// later still works; the pages come back from the file.
+    pub fn release_source(&self, gguf_name: &str) {
+        if let Some(t) = self.source.tensor(gguf_name) {
+            self.source.release(t);
+        }
     }
 }
 

@@ -39,7 +39,7 @@ pub fn rtn_all(model: &Model, config: &GptqConfig) -> BTreeMap<String, GroupQuan
 
 /// The dequantized weights as f32 bytes the runtime can borrow.
 pub fn f32_bytes(weights: &BTreeMap<String, GroupQuantized>) -> BTreeMap<String, Vec<u8>> {
-    weights.iter().map(|(n, q)| (n.clone(), q.dequantized.iter().flat_map(|v| v.to_le_bytes()).collect())).collect()
+    weights.iter().map(|(n, q)| (n.clone(), q.dequantize().iter().flat_map(|v| v.to_le_bytes()).collect())).collect()
 }
 
 /// `source`'s model with the given norms (AWQ's folded ones; none for GPTQ) and every block linear replaced

@@ -94,14 +94,22 @@ impl GgufFile {
     /// shared with neighbouring tensors and go too). Later reads of any bytes still work: they fault the
     /// pages back in from the file.
     pub fn release(&self, t: &TensorInfo) {
+        self.release_part(t, 0..t.n_bytes());
+    }
+
+    /// [`release`](Self::release) for the bytes `part` of the tensor's data only.
+    pub fn release_part(&self, t: &TensorInfo, part: Range<u64>) {
         #[cfg(unix)]
-        if let Some(range) = self.byte_range(t).filter(|r| !r.is_empty()) {
+        if let Some(range) = self.byte_range(t).filter(|r| part.start < part.end && part.end <= r.len() as u64) {
+            let start = range.start + part.start as usize;
             // SAFETY: the map is a read-only shared file mapping, so MADV_DONTNEED only discards clean
             // pages, which are re-read unchanged from the file on the next access; borrowed slices stay
             // valid. Failure just means the pages stay resident.
             let advice = memmap2::UncheckedAdvice::DontNeed;
-            let _ = unsafe { self.map.unchecked_advise_range(advice, range.start, range.len()) };
+            let _ = unsafe { self.map.unchecked_advise_range(advice, start, (part.end - part.start) as usize) };
         }
+        #[cfg(not(unix))]
+        let _ = (t, part);
     }
 
     fn byte_range(&self, t: &TensorInfo) -> Option<Range<usize>> {

@@ -169,21 +169,29 @@ impl Checkpoint {
     /// than RAM keeps the resident set bounded. Best effort; the data stays readable (it is re-read from the
     /// file if touched again).
     pub fn release(&self, name: &str) {
+        self.release_part(name, 0..u64::MAX);
+    }
+
+    /// [`release`](Self::release) for the bytes `part` of the tensor's data only (clamped to its end).
+    pub fn release_part(&self, name: &str, part: Range<u64>) {
         #[cfg(unix)]
-        if let Some(loc) = self.tensors.get(name).filter(|loc| !loc.range.is_empty()) {
-            // SAFETY: the map is read-only and file-backed, so dropping its pages discards nothing that is
-            // not in the file; touching them again faults the same bytes back in, which keeps every
-            // outstanding `TensorRef` valid.
-            let _ = unsafe {
-                self.files[loc.file].map.unchecked_advise_range(
-                    memmap2::UncheckedAdvice::DontNeed,
-                    loc.range.start,
-                    loc.range.len(),
-                )
-            };
+        if let Some(loc) = self.tensors.get(name) {
+            let end = part.end.min(loc.range.len() as u64);
+            if part.start < end {
+                // SAFETY: the map is read-only and file-backed, so dropping its pages discards nothing that
+                // is not in the file; touching them again faults the same bytes back in, which keeps every
+                // outstanding `TensorRef` valid.
+                let _ = unsafe {
+                    self.files[loc.file].map.unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        loc.range.start + part.start as usize,
+                        (end - part.start) as usize,
+                    )
+                };
+            }
         }
         #[cfg(not(unix))]
-        let _ = name;
+        let _ = (name, part);
     }
 
     fn tensor_ref<'a>(&'a self, name: &'a str, loc: &'a Location) -> TensorRef<'a> {

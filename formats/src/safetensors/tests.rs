@@ -236,3 +236,46 @@ fn a_directory_without_a_checkpoint_is_an_error_naming_it() {
     let err = Checkpoint::open(&missing).err().unwrap().to_string();
     assert!(err.starts_with(&missing.display().to_string()), "{err}");
 }
+
+#[test]
+fn tensors_written_in_parts_give_the_same_files_as_whole_writes() {
+    let specs: &[(&str, Dtype, &[usize])] =
+        &[("a", Dtype::F32, &[10, 7]), ("b", Dtype::F16, &[0]), ("c", Dtype::BF16, &[33]), ("d", Dtype::U8, &[5])];
+    let tensors = planned(specs);
+    let (whole, parts) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    write_all(whole.path(), &tensors, &metadata(), Some(300));
+    let plan = tensors.iter().map(|t| t.plan.clone()).collect();
+    let mut writer = Writer::create(parts.path(), plan, metadata(), Some(300)).unwrap();
+    for t in &tensors {
+        if t.bytes.is_empty() {
+            writer.write_tensor_part(&t.plan.name, &[]).unwrap();
+        }
+        for part in t.bytes.chunks(13) {
+            writer.write_tensor_part(&t.plan.name, part).unwrap();
+        }
+    }
+    writer.finish().unwrap();
+    assert_eq!(file_names(whole.path()), file_names(parts.path()));
+    for name in file_names(whole.path()) {
+        let read = |dir: &Path| std::fs::read(dir.join(&name)).unwrap();
+        assert_eq!(read(whole.path()), read(parts.path()), "{name}");
+    }
+}
+
+#[test]
+fn parts_that_overrun_a_tensor_or_mix_with_a_whole_write_are_errors() {
+    let tensors = planned(&[("a", Dtype::F32, &[4]), ("b", Dtype::U8, &[2])]);
+    let plan: Vec<TensorPlan> = tensors.iter().map(|t| t.plan.clone()).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let mut writer = Writer::create(dir.path(), plan.clone(), BTreeMap::new(), None).unwrap();
+    writer.write_tensor_part("a", &[0; 10]).unwrap();
+    let err = writer.write_tensor_part("a", &[0; 7]).unwrap_err().to_string();
+    assert!(err.contains("tensor 'a' should be 16 bytes, got 17 in parts"), "{err}");
+    assert!(writer.finish().is_err());
+    assert_eq!(file_names(dir.path()), Vec::<String>::new());
+
+    let mut writer = Writer::create(dir.path(), plan, BTreeMap::new(), None).unwrap();
+    writer.write_tensor_part("a", &[0; 8]).unwrap();
+    let err = writer.write_tensor("a", &[0; 8]).unwrap_err().to_string();
+    assert!(err.contains("tensor 'a' should be 16 bytes, got 8"), "{err}");
+}

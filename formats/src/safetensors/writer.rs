@@ -34,6 +34,8 @@ pub struct Writer {
     shards: Vec<Shard>,
     /// Index into `plan` of the tensor `write_tensor` expects next.
     next: usize,
+    /// Bytes of that tensor already written by [`Writer::write_tensor_part`].
+    next_written: u64,
     written: Vec<AtomicFile>,
     /// The shard being written and its index in `shards`.
     current: Option<AtomicFile>,
@@ -85,6 +87,7 @@ impl Writer {
             sizes,
             shards,
             next: 0,
+            next_written: 0,
             written: Vec::new(),
             current: None,
             current_shard: 0,
@@ -96,10 +99,21 @@ impl Writer {
 
     /// Writes the next tensor of the plan: `name` must be that tensor and `data` exactly its bytes.
     pub fn write_tensor(&mut self, name: &str, data: &[u8]) -> Result<()> {
+        self.write(name, data, true)
+    }
+
+    /// Writes the next bytes of the next tensor of the plan, so a large tensor never has to be held whole:
+    /// parts of `name` follow one another until they add up to its size, and only then may the next
+    /// tensor start.
+    pub fn write_tensor_part(&mut self, name: &str, data: &[u8]) -> Result<()> {
+        self.write(name, data, false)
+    }
+
+    fn write(&mut self, name: &str, data: &[u8], whole: bool) -> Result<()> {
         if self.failed {
             return Err(Error::invalid(&self.dir, "an earlier write failed; the output was discarded"));
         }
-        let result = self.write_next(name, data);
+        let result = self.write_next(name, data, whole);
         if result.is_err() {
             self.failed = true;
             self.written.clear();
@@ -108,7 +122,7 @@ impl Writer {
         result
     }
 
-    fn write_next(&mut self, name: &str, data: &[u8]) -> Result<()> {
+    fn write_next(&mut self, name: &str, data: &[u8], whole: bool) -> Result<()> {
         let shard = self.shard_of(self.next);
         let Some(expected) = self.plan.get(self.next) else {
             return Err(
@@ -120,11 +134,11 @@ impl Writer {
                 self.error(shard, format!("expected tensor '{}' next (plan order), got '{name}'", expected.name))
             );
         }
-        if data.len() as u64 != self.sizes[self.next] {
-            return Err(self.error(
-                shard,
-                format!("tensor '{name}' should be {} bytes, got {}", self.sizes[self.next], data.len()),
-            ));
+        let (size, before) = (self.sizes[self.next], self.next_written);
+        let after = before + data.len() as u64;
+        if (whole && (before != 0 || after != size)) || after > size {
+            let got = if whole { format!("{}", data.len()) } else { format!("{after} in parts") };
+            return Err(self.error(shard, format!("tensor '{name}' should be {size} bytes, got {got}")));
         }
         if shard != self.current_shard {
             let next_shard = self.start_shard(shard)?;
@@ -134,7 +148,12 @@ impl Writer {
         let file = self.current.as_mut().expect("a shard is open while writing");
         let path = file.dest().to_path_buf();
         file.write_all(data).at(path)?;
-        self.next += 1;
+        if after == size {
+            self.next += 1;
+            self.next_written = 0;
+        } else {
+            self.next_written = after;
+        }
         Ok(())
     }
 

@@ -17,9 +17,10 @@
 //! Both searches score a linear by its own output error on the calibration inputs, computed from the
 //! Hessian; AutoAWQ reruns the attention/MLP module instead, which also sees attention and SwiGLU.
 //!
-//! Memory: the activations (`4·N·d` for `N` calibration tokens of width `d`), one block's f32 weights
-//! and its four inputs' Hessians (f64 sums and f32 copies, `~12·k²` for input width `k`), and one
-//! sequence's forward buffers. Deterministic at any thread count.
+//! Memory: the activations (`2·N·d` for `N` calibration tokens of width `d`, stored as f16:
+//! [`Activations`]), one block's f32 weights and its four inputs' Hessians (upper-triangle f64 sums, then
+//! f32 matrices: `4·k²` each for input width `k`), and one sequence's forward buffers. Deterministic at any
+//! thread count.
 //!
 //! - `block`: the block's f32 weights, the scale groups and folding.
 //! - `search`: the scale and clip searches.
@@ -35,6 +36,7 @@ use calibration::CalibrationSet;
 use self::block::{BlockWeights, Producer, Tie, GROUPS};
 use super::gptq::{self, pipeline, GptqConfig, GroupQuantized, HessianAccumulator};
 use crate::progress::Progress;
+use crate::quant::activations::Activations;
 use crate::runtime::forward::{BlockLinear, LinearObserver};
 use crate::runtime::Model;
 
@@ -128,15 +130,17 @@ pub fn quantize(
     }
     let mut report = AwqReport { layers: model.layers.len(), ..Default::default() };
     let bar = progress.count_bar("awq", (model.layers.len() * BlockLinear::ALL.len()) as u64);
-    let mut x = model.embed(&calib.tokens)?;
-    let sequence_len = calib.seqlen * model.config.hidden_size;
+    let mut x = Activations::embed(model, calib)?;
+    let mut sequence = vec![0f32; x.sequence_len()];
     for (l, layer) in model.layers.iter().enumerate() {
         bar.set_message(format!("blk.{l} calibrating"));
         let mut capture = Capture::new(layer);
         let start = Instant::now();
-        for sequence in x.chunks_exact_mut(sequence_len) {
+        for i in 0..x.sequences() {
             // The capture is never done: every block runs to its end, giving the next block's input.
-            let _ = model.block_forward(layer, l, sequence, &mut capture);
+            x.load(i, &mut sequence);
+            let _ = model.block_forward(layer, l, &mut sequence, &mut capture);
+            x.store(i, &sequence);
         }
         report.forward_seconds += start.elapsed().as_secs_f64() - capture.seconds;
         report.statistics_seconds += capture.seconds;
@@ -145,6 +149,10 @@ pub fn quantize(
         bar.set_message(format!("blk.{l} searching scales"));
         let start = Instant::now();
         let mut block = BlockWeights::decode(layer);
+        // Decoded into `block`, the block's mapped source weights are not needed again.
+        for linear in BlockLinear::ALL {
+            model.release_source(&format!("blk.{l}.{}", linear.gguf_name()));
+        }
         let scale_all = layer.bias.is_none();
         let alphas = search_scales(model, &mut block, &mut inputs, config, scale_all, &mut report);
         report.alphas.push(alphas);
@@ -274,11 +282,10 @@ impl Capture {
             .into_iter()
             .zip(self.hessians)
             .map(|(sums, acc)| {
-                let (n, rows) = (acc.dim(), acc.rows());
-                let h = acc.finish()?;
+                let rows = acc.rows();
                 Ok(GroupInput {
                     x_mean: sums.iter().map(|s| s / rows as f64).collect(),
-                    hessian: (0..n * n).map(|i| h.get(i / n, i % n) as f32).collect(),
+                    hessian: acc.finish()?.into_values(),
                 })
             })
             .collect()

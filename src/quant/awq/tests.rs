@@ -129,12 +129,13 @@ fn loud_channels_are_scaled_up_and_the_loss_is_the_output_error() {
     scaled.values.chunks_exact_mut(cols).for_each(|r| r.iter_mut().zip(&choice.scales).for_each(|(v, s)| *v *= s));
     let q =
         gptq::rtn(&scaled.values, rows, cols, &AwqConfig { group_size: 32, ..Default::default() }.rounding()).unwrap();
+    let dequantized = q.dequantize();
     let mut error = 0f64;
     for xr in x.chunks_exact(cols) {
         for (o, wr) in w.values.chunks_exact(cols).enumerate() {
             let d: f64 = (0..cols)
                 .map(|c| {
-                    f64::from(xr[c]) * (f64::from(q.dequantized[o * cols + c] / choice.scales[c]) - f64::from(wr[c]))
+                    f64::from(xr[c]) * (f64::from(dequantized[o * cols + c] / choice.scales[c]) - f64::from(wr[c]))
                 })
                 .sum();
             error += d * d;
@@ -218,7 +219,7 @@ fn quantize_emits_each_block_in_order_on_the_f16_grid_at_any_thread_count() {
         let Some(q) = quantized else { continue };
         assert_eq!((q.bits, q.sym, q.group_size), (4, false, Some(32)), "{name}");
         assert!(q.scales.iter().all(|&s| half::f16::from_f32(s).to_f32() == s), "{name}: scales are f16 values");
-        for (i, (&d, &w)) in q.dequantized.iter().zip(scaled).enumerate() {
+        for (i, (&d, &w)) in q.dequantize().iter().zip(scaled).enumerate() {
             let scale = q.scales[i % q.cols / 32 * q.rows + i / q.cols];
             assert!(
                 (d - w).abs() <= 0.51 * scale,

@@ -18,7 +18,7 @@ use rayon::prelude::*;
 
 use super::{
     by_decreasing_diagonal, check_regularization, dead_columns, error_feedback, inverse_factor, without_dead_columns,
-    GptqError, Hessian, BLOCK_SIZE, ROW_CHUNK,
+    GptqError, HessianInput, BLOCK_SIZE, ROW_CHUNK,
 };
 
 /// [`gptq_blocks`]'s result.
@@ -26,8 +26,6 @@ use super::{
 pub struct BlockGptqOutput {
     /// The tensor data as a GGUF file stores it: `rows` rows of encoded blocks.
     pub bytes: Vec<u8>,
-    /// The same weights decoded, `rows × cols` row-major.
-    pub dequantized: Vec<f32>,
     /// The dampening fraction that made `H` factorizable.
     pub damp: f64,
     /// GPTQ's proxy loss, summed over rows and columns.
@@ -49,14 +47,15 @@ pub struct BlockGptqConfig {
 
 /// Quantizes `w` (`rows × cols`, row-major) into blocks of `config.ty` with GPTQ against `h`.
 /// `importance`, one value per column, multiplies the Hessian diagonal the block fits are weighted by.
-pub fn gptq_blocks(
+pub fn gptq_blocks<'h>(
     w: &[f32],
     rows: usize,
     cols: usize,
-    h: &Hessian,
+    h: impl Into<HessianInput<'h>>,
     importance: Option<&[f32]>,
     config: &BlockGptqConfig,
 ) -> Result<BlockGptqOutput, GptqError> {
+    let h = h.into();
     let (ty, damp) = (config.ty, config.damp);
     let traits = ty.traits();
     let (Some(grid), Some(encode)) = (traits.grid, traits.quantize) else {
@@ -76,21 +75,19 @@ pub fn gptq_blocks(
     if let Some(i) = w.iter().position(|v| !v.is_finite()) {
         return Err(GptqError::NonFiniteWeight { row: i / cols, column: i % cols, value: w[i] });
     }
-    let dead = dead_columns(h);
+    let dead = dead_columns(&h);
     let w = without_dead_columns(w, cols, &dead);
     let mut perm: Vec<usize> = (0..cols).collect();
     if config.act_order {
-        perm.chunks_mut(traits.block_size).for_each(|block| by_decreasing_diagonal(h, &dead, block));
+        perm.chunks_mut(traits.block_size).for_each(|block| by_decreasing_diagonal(&h, &dead, block));
     }
-    let (u, damp) = inverse_factor(h, &dead, &perm, damp, config.shrink)?;
     let fit_weights: Vec<f32> = (0..cols).map(|c| h.get(c, c) as f32 * importance.map_or(1.0, |imp| imp[c])).collect();
+    let (u, damp) = inverse_factor(h, &dead, &perm, damp, config.shrink)?;
     let format = Format { ty, grid, encode, fit_weights: &fit_weights, perm: &perm };
     let chunks: Vec<(Vec<u8>, f64)> =
         w.par_chunks(ROW_CHUNK * cols).map(|chunk| format.quantize_chunk(chunk, cols, &u)).collect();
     let bytes: Vec<u8> = chunks.iter().flat_map(|(b, _)| b.iter().copied()).collect();
-    let mut dequantized = vec![0f32; rows * cols];
-    ty.dequantize(&bytes, &mut dequantized).map_err(GptqError::Shape)?;
-    Ok(BlockGptqOutput { bytes, dequantized, damp, loss: chunks.iter().map(|(_, l)| l).sum() })
+    Ok(BlockGptqOutput { bytes, damp, loss: chunks.iter().map(|(_, l)| l).sum() })
 }
 
 /// What every row chunk shares.
@@ -180,7 +177,7 @@ fn lcm(a: usize, b: usize) -> usize {
 mod tests {
     use super::*;
     use crate::quant::gptq::tests::{correlated_activations, hessian_of};
-    use crate::quant::gptq::SHRINK;
+    use crate::quant::gptq::{Hessian, SHRINK};
 
     /// `tr(ΔW H ΔWᵀ)`.
     fn hessian_error(w: &[f32], w_hat: &[f32], h: &Hessian, cols: usize) -> f64 {
@@ -224,8 +221,7 @@ mod tests {
                     .unwrap();
             let mut decoded = vec![0f32; rows * cols];
             ty.dequantize(&out.bytes, &mut decoded).unwrap();
-            assert_eq!(decoded, out.dequantized, "{ty}: bytes and weights agree");
-            let gptq = hessian_error(&w, &out.dequantized, &h, cols);
+            let gptq = hessian_error(&w, &decoded, &h, cols);
             let rtn = hessian_error(&w, &plain(&w, cols, &h, ty), &h, cols);
             assert!(gptq < 0.6 * rtn, "{ty} (act-order {act_order}): GPTQ {gptq} vs encoder {rtn}");
         }

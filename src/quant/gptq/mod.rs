@@ -24,12 +24,14 @@ pub mod grid;
 pub mod hessian;
 pub mod pipeline;
 
+use std::borrow::Cow;
+
 use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
 use rayon::prelude::*;
 
 pub use grid::{Grid, GroupParams, SUPPORTED_BITS};
-pub use hessian::{Hessian, HessianAccumulator};
+pub use hessian::{Hessian, HessianAccumulator, HessianInput};
 
 /// Columns per lazy batch update (GPTQ's `blocksize`).
 pub const BLOCK_SIZE: usize = 128;
@@ -135,7 +137,8 @@ impl GptqConfig {
 /// The weight is `rows × cols` = `out × in`. Group `g` holds the input columns `c` with `g_idx[c] == g`;
 /// without act-order that is `c / group_size`, the last group shorter when `group_size` does not divide
 /// `cols`. Every value here is exact: `dequantized[o·cols + c] == scales[g·rows + o] · (codes[o·cols + c] −
-/// zeros[g·rows + o])` with `g = g_idx[c]`, computed in f32, and every scale is an f16 value.
+/// zeros[g·rows + o])` with `g = g_idx[c]` ([`GroupQuantized::dequantize`]), computed in f32, and every
+/// scale is an f16 value.
 #[derive(Clone, Debug, PartialEq)]
 pub struct GroupQuantized {
     pub rows: usize,
@@ -152,13 +155,22 @@ pub struct GroupQuantized {
     pub zeros: Vec<u8>,
     /// `cols` group indices.
     pub g_idx: Vec<u32>,
-    /// `rows × cols`, row-major.
-    pub dequantized: Vec<f32>,
 }
 
 impl GroupQuantized {
     pub fn groups(&self) -> usize {
         self.scales.len() / self.rows.max(1)
+    }
+
+    /// The weights the codes stand for, `rows × cols` row-major.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let (rows, cols) = (self.rows, self.cols);
+        (0..rows * cols)
+            .map(|i| {
+                let g = self.g_idx[i % cols] as usize * rows + i / cols;
+                GroupParams { scale: self.scales[g], zero: self.zeros[g] }.dequantize(self.codes[i])
+            })
+            .collect()
     }
 }
 
@@ -172,16 +184,24 @@ pub struct GptqOutput {
     pub loss: f64,
 }
 
-/// Quantizes `w` (`rows × cols`, row-major) with GPTQ against `h` (`cols × cols`).
-pub fn gptq(w: &[f32], rows: usize, cols: usize, h: &Hessian, config: &GptqConfig) -> Result<GptqOutput, GptqError> {
+/// Quantizes `w` (`rows × cols`, row-major) with GPTQ against `h` (`cols × cols`; freed once factored
+/// when owned).
+pub fn gptq<'h>(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    h: impl Into<HessianInput<'h>>,
+    config: &GptqConfig,
+) -> Result<GptqOutput, GptqError> {
+    let h = h.into();
     config.validate()?;
     check_weights(w, rows, cols)?;
     if h.dim() != cols {
         return Err(GptqError::Shape(format!("the Hessian is {0} x {0}, the weight has {cols} columns", h.dim())));
     }
-    let dead = dead_columns(h);
+    let dead = dead_columns(&h);
     let w = without_dead_columns(w, cols, &dead);
-    let perm = column_order(h, &dead, config.act_order);
+    let perm = column_order(&h, &dead, config.act_order);
     let (u, damp) = inverse_factor(h, &dead, &perm, config.damp, config.shrink)?;
     let plan = Plan::new(rows, cols, config, perm);
     let chunks: Vec<ChunkResult> =
@@ -225,18 +245,22 @@ fn dead_columns(h: &Hessian) -> Vec<bool> {
     (0..h.dim()).map(|c| h.get(c, c) == 0.0).collect()
 }
 
-fn without_dead_columns(w: &[f32], cols: usize, dead: &[bool]) -> Vec<f32> {
+fn without_dead_columns<'w>(w: &'w [f32], cols: usize, dead: &[bool]) -> Cow<'w, [f32]> {
+    if !dead.contains(&true) {
+        return Cow::Borrowed(w);
+    }
     let mut w = w.to_vec();
     for row in w.chunks_mut(cols) {
         row.iter_mut().zip(dead).filter(|(_, &d)| d).for_each(|(v, _)| *v = 0.0);
     }
-    w
+    Cow::Owned(w)
 }
 
 /// The inverse factor of `H` with its off-diagonal terms shrunk by `shrink` and its columns in the order
-/// `perm` (dead columns given a unit diagonal), and the dampening it took.
+/// `perm` (dead columns given a unit diagonal), and the dampening it took. An owned `h` is freed once
+/// factored, before the inverse factor is allocated.
 fn inverse_factor(
-    h: &Hessian,
+    h: HessianInput,
     dead: &[bool],
     perm: &[usize],
     damp: f64,
@@ -250,7 +274,10 @@ fn inverse_factor(
             (false, _) => (1.0 - shrink) * h.get(pi, pj),
         }
     };
-    factor_with_retries(h.dim(), entry, damp)
+    let (factor, damp) = factor_with_retries(h.dim(), entry, damp)?;
+    drop(h);
+    let u = factor.inverse_upper().ok_or(GptqError::NotPositiveDefinite(damp))?;
+    Ok((u, damp))
 }
 
 /// The order columns are quantized in: natural, or by decreasing Hessian diagonal (dead columns count
@@ -269,13 +296,17 @@ fn by_decreasing_diagonal(h: &Hessian, dead: &[bool], columns: &mut [usize]) {
     columns.sort_by(|&a, &b| key(b).total_cmp(&key(a)).then(a.cmp(&b)));
 }
 
-/// The damped inverse factor of the matrix `h(i, j)`, doubling the dampening (from at least 1%) until it
+/// The damped factorization of the matrix `h(i, j)`, doubling the dampening (from at least 1%) until it
 /// factors.
-fn factor_with_retries(n: usize, h: impl Fn(usize, usize) -> f64, damp: f64) -> Result<(Vec<f32>, f64), GptqError> {
+fn factor_with_retries(
+    n: usize,
+    h: impl Fn(usize, usize) -> f64,
+    damp: f64,
+) -> Result<(hessian::ReversedCholesky, f64), GptqError> {
     let mut damp = damp;
     loop {
-        if let Some(u) = hessian::inverse_upper_cholesky(n, &h, damp) {
-            return Ok((u, damp));
+        if let Some(factor) = hessian::reversed_cholesky(n, &h, damp) {
+            return Ok((factor, damp));
         }
         let next = (2.0 * damp).max(0.01);
         if next >= 1.0 {
@@ -347,14 +378,6 @@ impl Plan {
             }
             row0 += chunk.rows;
         }
-        let dequantized = codes
-            .iter()
-            .enumerate()
-            .map(|(i, &q)| {
-                let g = g_idx[i % cols] as usize * rows + i / cols;
-                GroupParams { scale: scales[g], zero: zeros[g] }.dequantize(q)
-            })
-            .collect();
         let config = &self.config;
         GroupQuantized {
             rows,
@@ -366,7 +389,6 @@ impl Plan {
             scales,
             zeros,
             g_idx,
-            dequantized,
         }
     }
 }

@@ -73,8 +73,8 @@ fn gptq_output_error_is_lower_than_rtn_for_every_width() {
             let rtn = rtn(&w, ROWS, COLS, &config).unwrap();
             let gptq = gptq(&w, ROWS, COLS, &h, &config).unwrap();
             let (e_rtn, e_gptq) = (
-                output_error(&x, &w, &rtn.dequantized, ROWS, COLS),
-                output_error(&x, &w, &gptq.weight.dequantized, ROWS, COLS),
+                output_error(&x, &w, &rtn.dequantize(), ROWS, COLS),
+                output_error(&x, &w, &gptq.weight.dequantize(), ROWS, COLS),
             );
             assert!(e_gptq < 0.5 * e_rtn, "{config:?}: GPTQ {e_gptq} vs RTN {e_rtn}");
             assert!(gptq.loss.is_finite() && gptq.damp == config.damp);
@@ -90,7 +90,7 @@ fn identity_hessian_gives_exactly_rtn() {
             [(Some(32), true, false), (Some(128), false, true), (None, false, false)]
         {
             let config = GptqConfig { bits, group_size, sym, static_groups, ..GptqConfig::default() };
-            let gptq = gptq(&w, ROWS, COLS, &Hessian::identity(COLS), &config).unwrap();
+            let gptq = gptq(&w, ROWS, COLS, Hessian::identity(COLS), &config).unwrap();
             assert_eq!(gptq.weight, rtn(&w, ROWS, COLS, &config).unwrap(), "{config:?}");
         }
     }
@@ -103,11 +103,12 @@ fn outputs_are_consistent_grids() {
     let q = gptq(&w, ROWS, COLS, &h, &config).unwrap().weight;
     assert_eq!((q.groups(), q.codes.len(), q.zeros.len()), (COLS / 64, ROWS * COLS, ROWS * COLS / 64));
     assert!(q.codes.iter().all(|&c| c < 8) && q.zeros.iter().all(|&z| z < 8));
+    let dequantized = q.dequantize();
     for o in 0..ROWS {
         for c in 0..COLS {
             let g = q.g_idx[c] as usize * ROWS + o;
             let expected = q.scales[g] * (f32::from(q.codes[o * COLS + c]) - f32::from(q.zeros[g]));
-            assert_eq!(q.dequantized[o * COLS + c], expected);
+            assert_eq!(dequantized[o * COLS + c], expected);
             assert_eq!(half::f16::from_f32(q.scales[g]).to_f32(), q.scales[g]);
         }
     }
@@ -134,10 +135,10 @@ fn a_group_size_not_dividing_the_row_leaves_a_short_last_group() {
     let cols = 96;
     let w = noise(ROWS * cols, 5);
     let x = correlated_activations(300, cols, 6);
-    let q = gptq(&w, ROWS, cols, &hessian_of(&x, cols), &GptqConfig::default()).unwrap().weight;
+    let q = gptq(&w, ROWS, cols, hessian_of(&x, cols), &GptqConfig::default()).unwrap().weight;
     assert_eq!(q.groups(), 1);
     let config = GptqConfig { group_size: Some(64), ..GptqConfig::default() };
-    let q = gptq(&w, ROWS, cols, &hessian_of(&x, cols), &config).unwrap().weight;
+    let q = gptq(&w, ROWS, cols, hessian_of(&x, cols), &config).unwrap().weight;
     assert_eq!(q.groups(), 2);
     assert_eq!(q.g_idx.iter().filter(|&&g| g == 1).count(), 32);
 }
@@ -171,12 +172,12 @@ fn dead_columns_are_zeroed_and_the_rest_still_quantizes() {
     let h = hessian_of(&x, COLS);
     for act_order in [false, true] {
         let config = GptqConfig { act_order, ..GptqConfig::default() };
-        let q = gptq(&w, ROWS, COLS, &h, &config).unwrap().weight;
+        let q = gptq(&w, ROWS, COLS, &h, &config).unwrap().weight.dequantize();
         for o in 0..ROWS {
-            assert!(dead.iter().all(|&c| q.dequantized[o * COLS + c] == 0.0));
+            assert!(dead.iter().all(|&c| q[o * COLS + c] == 0.0));
         }
         let rtn = rtn(&w, ROWS, COLS, &config).unwrap();
-        assert!(output_error(&x, &w, &q.dequantized, ROWS, COLS) < output_error(&x, &w, &rtn.dequantized, ROWS, COLS));
+        assert!(output_error(&x, &w, &q, ROWS, COLS) < output_error(&x, &w, &rtn.dequantize(), ROWS, COLS));
     }
 }
 
@@ -186,7 +187,7 @@ fn a_hessian_that_is_not_positive_definite_is_retried_with_more_damping() {
     let n = 64;
     let v = noise(n, 21);
     let norm2: f64 = v.iter().map(|&a| f64::from(a) * f64::from(a)).sum();
-    let values = (0..n * n)
+    let values: Vec<f64> = (0..n * n)
         .map(|i| {
             let (r, c) = (i / n, i % n);
             f64::from(u8::from(r == c)) - 1.5 * f64::from(v[r]) * f64::from(v[c]) / norm2
@@ -198,7 +199,7 @@ fn a_hessian_that_is_not_positive_definite_is_retried_with_more_damping() {
     let out = gptq(&w, 8, n, &h, &GptqConfig { shrink: 0.0, ..GptqConfig::default() }).unwrap();
     let mean_diag = (0..n).map(|i| h.get(i, i)).sum::<f64>() / n as f64;
     assert!(out.damp * mean_diag > 0.5 && out.damp < 1.0, "damp {}", out.damp);
-    assert!(out.weight.dequantized.iter().all(|v| v.is_finite()));
+    assert!(out.weight.dequantize().iter().all(|v| v.is_finite()));
 
     let negative = Hessian::from_matrix(2, vec![-1.0, 0.0, 0.0, -1.0]).unwrap();
     let err = gptq(&[1.0, 2.0], 1, 2, &negative, &GptqConfig { group_size: None, ..GptqConfig::default() });
@@ -224,7 +225,7 @@ fn bad_configurations_and_inputs_are_errors() {
         assert!(rtn(&w, 4, 64, &config).unwrap_err().to_string().contains(expected));
     }
     let config = GptqConfig::default();
-    assert!(matches!(gptq(&w, 4, 64, &Hessian::identity(32), &config), Err(GptqError::Shape(_))));
+    assert!(matches!(gptq(&w, 4, 64, Hessian::identity(32), &config), Err(GptqError::Shape(_))));
     assert!(matches!(gptq(&w[1..], 4, 64, &h, &config), Err(GptqError::Shape(_))));
     let mut nan = w.clone();
     nan[70] = f32::NAN;
@@ -238,9 +239,10 @@ fn bad_configurations_and_inputs_are_errors() {
 fn shrinkage_is_gptq_on_the_hessian_with_scaled_off_diagonal_terms() {
     let Case { w, h, .. } = case();
     let n = h.dim();
-    let shrink = 0.6;
-    let shrunk = (0..n * n).map(|i| if i / n == i % n { h.get(i / n, i % n) } else { 0.4 * h.get(i / n, i % n) });
-    let shrunk = Hessian::from_matrix(n, shrunk.collect()).unwrap();
+    // 1 − s a power of two, so the explicitly shrunk Hessian stores exactly the values GPTQ shrinks to.
+    let shrink = 0.5;
+    let shrunk = (0..n * n).map(|i| if i / n == i % n { h.get(i / n, i % n) } else { 0.5 * h.get(i / n, i % n) });
+    let shrunk = Hessian::from_matrix(n, shrunk).unwrap();
     for act_order in [false, true] {
         let config = GptqConfig { group_size: Some(32), act_order, damp: 0.01, shrink, ..GptqConfig::default() };
         let plain = GptqConfig { shrink: 0.0, ..config };
