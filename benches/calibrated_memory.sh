@@ -48,9 +48,10 @@ printf '|%s|\n' "--------|----------|---------------|---------------------------
 for method in gptq awq; do
     out=$work/$method
     rm -rf "$out"
-    /usr/bin/time -f "%e %M" -o "$work/$method.time" "$qforge" --threads "$threads" --quiet quantize "$fp" -o "$out" \
+    # Not --quiet: the report with the time split goes to stderr (no progress bars without a terminal).
+    /usr/bin/time -f "%e %M" -o "$work/$method.time" "$qforge" --threads "$threads" quantize "$fp" -o "$out" \
         --method "$method" --format "$method" --bits 4 --group-size "$group" --nsamples "$nsamples" \
-        --seqlen "$seqlen" --seed 0 > "$work/$method.log"
+        --seqlen "$seqlen" --seed 0 2> "$work/$method.log"
     read -r wall peak_kb < "$work/$method.time"
     split=$(grep -E "^  (GPTQ|AWQ):" "$work/$method.log" | sed 's/.*layers; //')
     peak=$((peak_kb * 1024))

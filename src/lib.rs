@@ -6,6 +6,7 @@
 
 pub mod convert;
 pub mod eval;
+pub mod heap;
 pub mod inspect;
 pub mod interrupt;
 pub mod lora;

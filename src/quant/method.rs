@@ -429,22 +429,8 @@ pub(crate) fn calibration_set(source: &ModelSource, args: &CalibArgs) -> Result<
     };
     let sample = sample(&corpus, &tokenizer, options);
     drop((tokenizer, corpus));
-    return_freed_heap();
+    crate::heap::return_freed_memory();
     sample
-}
-
-/// Hands the heap pages freed so far back to the OS, and has every later allocation of 1 MiB or more
-/// mapped on its own. Building the tokenizer and tokenizing the corpus leave tens of MB of freed small
-/// allocations that glibc keeps; and the calibrated quantizers allocate and free block-sized buffers
-/// (Hessians, factors, weights), which glibc's adaptive threshold would otherwise keep in the heap once
-/// the first is freed. Those quantizers are meant to hold little more than their activations.
-fn return_freed_heap() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt and malloc_trim only tune and release the allocator's own free memory.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
-        libc::malloc_trim(0);
-    }
 }
 
 /// Round-to-nearest of every block linear, in block order.

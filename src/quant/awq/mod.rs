@@ -133,6 +133,8 @@ pub fn quantize(
     let mut x = Activations::embed(model, calib)?;
     let mut sequence = vec![0f32; x.sequence_len()];
     for (l, layer) in model.layers.iter().enumerate() {
+        // What the last block freed in small pieces would otherwise add up.
+        crate::heap::return_freed_memory();
         bar.set_message(format!("blk.{l} calibrating"));
         let mut capture = Capture::new(layer);
         let start = Instant::now();

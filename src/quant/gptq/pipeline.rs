@@ -163,6 +163,8 @@ pub fn run(
     let mut x = Activations::embed(model, calib)?;
     let mut sequence = vec![0f32; x.sequence_len()];
     for (l, original) in model.layers.iter().enumerate() {
+        // What the last block freed in small pieces would otherwise add up.
+        crate::heap::return_freed_memory();
         // Quantized linears of this block so far.
         let mut quantized: Vec<(BlockLinear, QuantizedLinear)> = Vec::with_capacity(BlockLinear::ALL.len());
         for stage in STAGES {
