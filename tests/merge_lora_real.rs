@@ -5,10 +5,10 @@
 mod common;
 mod merge_lora;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use common::{fixture_model, qforge, qforge_ok, shared_data};
+use common::{binary_scratch, fixture_model, qforge, qforge_ok, shared_data};
 use formats::gguf::GgufFile;
 use formats::safetensors::Checkpoint;
 use formats::GgmlType;
@@ -32,12 +32,10 @@ fn exports() -> Option<&'static Exports> {
         .get_or_init(|| {
             let fixture = fixture_model()?;
             shared_data(&format!("{ADAPTER}/adapter_config.json"))?;
-            let scratch = Path::new(env!("CARGO_TARGET_TMPDIR")).join("merge_lora_real");
-            let _ = std::fs::remove_dir_all(&scratch);
-            std::fs::create_dir_all(&scratch).unwrap();
+            let scratch = binary_scratch("merge_lora_real");
             let (hf, f16) = (scratch.join("hf32"), scratch.join("f16.gguf"));
             qforge_ok(&["convert", p(&fixture), "-o", p(&hf), "--dtype", "f32"]);
-            qforge_ok(&["convert", p(&hf), "-o", p(&f16), "--dtype", "f16"]);
+            qforge_ok(&["convert", p(&fixture), "-o", p(&f16), "--to", "gguf", "--dtype", "f16"]);
             Some(Exports { hf, f16, scratch })
         })
         .as_ref()

@@ -7,6 +7,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::{Mutex, Once};
 
 pub const FIXTURE_MODEL: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
@@ -49,6 +50,38 @@ pub fn shared_data(relative: &str) -> Option<PathBuf> {
 /// A committed test-data file under `tests/data`.
 pub fn test_data(relative: &str) -> PathBuf {
     project_root().join("tests/data").join(relative)
+}
+
+/// A fresh directory `target/tmp/<name>` for the large files the tests of one binary share, removed
+/// when the test binary exits, pass or fail: the suite runs binary after binary on one disk, and
+/// models left behind by one would crowd out the next. `QFORGE_KEEP_TEST_FILES=1` keeps it.
+pub fn binary_scratch(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    if std::env::var_os("QFORGE_KEEP_TEST_FILES").is_none() {
+        remove_at_exit(dir.clone());
+    }
+    dir
+}
+
+static REMOVED_AT_EXIT: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+fn remove_at_exit(dir: PathBuf) {
+    extern "C" {
+        fn atexit(callback: extern "C" fn()) -> std::ffi::c_int;
+    }
+    extern "C" fn remove_registered() {
+        let dirs = std::mem::take(&mut *REMOVED_AT_EXIT.lock().unwrap_or_else(|e| e.into_inner()));
+        for dir in dirs {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+    static REGISTER: Once = Once::new();
+    // libtest ends by returning from main or calling `process::exit`; both run C `atexit` handlers,
+    // and nothing else runs once every test has finished.
+    REGISTER.call_once(|| assert_eq!(unsafe { atexit(remove_registered) }, 0, "atexit refused the handler"));
+    REMOVED_AT_EXIT.lock().unwrap_or_else(|e| e.into_inner()).push(dir);
 }
 
 pub fn qforge(args: &[&str]) -> Output {
