@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use common::{fixture_model, qforge_ok, test_data};
+use common::{fixture_model, one_big_test_at_a_time, qforge_ok, test_data};
 
 /// SmolLM2's vocabulary size, from its published `config.json`.
 const SMOLLM2_VOCAB: usize = 49_152;
@@ -83,12 +83,12 @@ fn convert(input: &Path, output: &Path, to: &str, dtype: &str) {
 }
 
 /// Compares llama.cpp's token ids (a JSON list in `ids_json`) with the `tokenizers` crate's encoding of
-/// `text` by the HF export's `tokenizer.json`.
-fn compare_with_tokenizers_crate(hf_dir: &Path, text_file: &Path, ids_json: &Path) -> Result<String, String> {
+/// `text_file` by `dir/tokenizer.json` (the HF export's).
+fn compare_with_tokenizers_crate(dir: &Path, text_file: &Path, ids_json: &Path) -> Result<String, String> {
     let text = std::fs::read_to_string(text_file).map_err(|e| format!("{}: {e}", text_file.display()))?;
     let llama: Vec<u32> = serde_json::from_slice(&std::fs::read(ids_json).map_err(|e| e.to_string())?)
         .map_err(|e| format!("{}: {e}", ids_json.display()))?;
-    let tokenizer_json = hf_dir.join("tokenizer.json");
+    let tokenizer_json = dir.join("tokenizer.json");
     let tokenizer = tokenizers::Tokenizer::from_file(&tokenizer_json)
         .map_err(|e| format!("{}: the tokenizers crate cannot load it: {e}", tokenizer_json.display()))?;
     let encoding = tokenizer.encode(text, false).map_err(|e| format!("tokenizers crate: {e}"))?;
@@ -110,34 +110,58 @@ fn compare_with_tokenizers_crate(hf_dir: &Path, text_file: &Path, ids_json: &Pat
     ))
 }
 
-/// One F32 export of the fixture feeds every check: gguf-py must read the fixture, qforge's F32 and F16
-/// GGUFs to the values qforge reports for them; llama.cpp must compute the same logits from qforge's F32
-/// GGUF as from its own F32 conversion of the fixture, tokenize like the export's `tokenizer.json`, and
-/// quantize the F16 GGUF to Q8_0, Q4_0 and Q4_1 with the same bytes as `qforge quantize`.
+/// gguf-py must read the fixture, qforge's F32 and F16 GGUFs to the values qforge's f32 exports of them
+/// hold; llama.cpp must compute the same logits from qforge's F32 GGUF as from its own F32 conversion of
+/// the fixture, tokenize like the export's `tokenizer.json`, and quantize the F16 GGUF to Q8_0, Q4_0 and
+/// Q4_1 with the same bytes as `qforge quantize`.
 #[test]
 fn llama_cpp_clients_agree_with_qforge() {
     let Some(fixture) = fixture_model() else { return };
     let Some(python) = venv_python() else { return };
+    let _turn = one_big_test_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let path = |name: &str| dir.path().join(name);
     let vocab = SMOLLM2_VOCAB.to_string();
     let text = test_data("wikitext-paragraph.txt");
     assert!(text.exists(), "{} is missing", text.display());
 
-    convert(&fixture, &path("hf"), "safetensors", "f32");
-    convert(&path("hf"), &path("f32.gguf"), "gguf", "f32");
+    // Each file is removed once read, so that at most two F32 models (0.5 GB each) exist at once.
+    let remove = |name: &str| {
+        let entry = path(name);
+        let _ = if entry.is_dir() { std::fs::remove_dir_all(entry) } else { std::fs::remove_file(entry) };
+    };
     let mut results = Vec::new();
 
-    // gguf-py on the fixture and on qforge's F32 GGUF, each against qforge's f32 export of that file.
+    // gguf-py on the fixture and on qforge's F32 and F16 GGUFs, each against qforge's f32 export of that file.
+    convert(&fixture, &path("hf"), "safetensors", "f32");
     results.push(run_script(&python, "gguf_py_check.py", &[&fixture, &path("hf"), &vocab]));
+    convert(&path("hf"), &path("f32.gguf"), "gguf", "f32");
+    std::fs::create_dir(path("tokenizer")).unwrap();
+    std::fs::rename(path("hf").join("tokenizer.json"), path("tokenizer").join("tokenizer.json")).unwrap();
+    remove("hf");
     convert(&path("f32.gguf"), &path("f32.hf"), "safetensors", "f32");
     results.push(run_script(&python, "gguf_py_check.py", &[&path("f32.gguf"), &path("f32.hf"), &vocab]));
-    std::fs::remove_dir_all(path("f32.hf")).unwrap();
+    remove("f32.hf");
 
-    convert(&path("hf"), &path("f16.gguf"), "gguf", "f16");
+    results.push(run_script(
+        &python,
+        "llama_logits.py",
+        &[&fixture, &path("f32.gguf"), &path("llama-f32.gguf"), &PROMPT],
+    ));
+    remove("llama-f32.gguf");
+    let ids = path("ids.json");
+    let tokenized = run_script(&python, "llama_tokenize.py", &[&text, &ids, &fixture, &path("f32.gguf")]);
+    let tokenized_ok = tokenized.is_ok();
+    results.push(tokenized);
+    if tokenized_ok {
+        results.push(compare_with_tokenizers_crate(&path("tokenizer"), &text, &ids));
+    }
+    remove("f32.gguf");
+
+    convert(&fixture, &path("f16.gguf"), "gguf", "f16");
     convert(&path("f16.gguf"), &path("f16.hf"), "safetensors", "f32");
     results.push(run_script(&python, "gguf_py_check.py", &[&path("f16.gguf"), &path("f16.hf"), &vocab]));
-    std::fs::remove_dir_all(path("f16.hf")).unwrap();
+    remove("f16.hf");
 
     // qforge quantize vs llama.cpp's quantizer, from the same F16 GGUF.
     let mut specs: Vec<String> = Vec::new();
@@ -150,21 +174,6 @@ fn llama_cpp_clients_agree_with_qforge() {
     let mut args: Vec<&dyn AsRef<OsStr>> = vec![&f16, &work];
     args.extend(specs.iter().map(|s| s as &dyn AsRef<OsStr>));
     results.push(run_script(&python, "llama_quantize.py", &args));
-    std::fs::remove_file(path("f16.gguf")).unwrap();
-
-    results.push(run_script(
-        &python,
-        "llama_logits.py",
-        &[&fixture, &path("f32.gguf"), &path("llama-f32.gguf"), &PROMPT],
-    ));
-
-    let ids = path("ids.json");
-    let tokenized = run_script(&python, "llama_tokenize.py", &[&text, &ids, &fixture, &path("f32.gguf")]);
-    let tokenized_ok = tokenized.is_ok();
-    results.push(tokenized);
-    if tokenized_ok {
-        results.push(compare_with_tokenizers_crate(&path("hf"), &text, &ids));
-    }
 
     let mut failures = Vec::new();
     for result in results {
@@ -182,6 +191,7 @@ fn llama_cpp_clients_agree_with_qforge() {
 fn greedy_generation_matches_llama_cpp() {
     let Some(fixture) = fixture_model() else { return };
     let Some(python) = venv_python() else { return };
+    let _turn = one_big_test_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let f32_gguf = dir.path().join("f32.gguf");
     convert(&fixture, &f32_gguf, "gguf", "f32");
@@ -200,6 +210,7 @@ fn greedy_generation_matches_llama_cpp() {
 fn numpy_transcriptions_of_the_gptq_and_awq_loaders_read_qforge_exports() {
     let Some(fixture) = fixture_model() else { return };
     let Some(python) = venv_python() else { return };
+    let _turn = one_big_test_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let f32_dir = dir.path().join("f32");
     convert(&fixture, &f32_dir, "safetensors", "f32");

@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::{Mutex, Once};
+use std::sync::{Mutex, MutexGuard, Once};
 
 pub const FIXTURE_MODEL: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
@@ -63,6 +63,13 @@ pub fn binary_scratch(name: &str) -> PathBuf {
         remove_at_exit(dir.clone());
     }
     dir
+}
+
+/// Held by the tests of a binary that each write several whole models, so that they take turns
+/// rather than add up their disk use.
+pub fn one_big_test_at_a_time() -> MutexGuard<'static, ()> {
+    static TURN: Mutex<()> = Mutex::new(());
+    TURN.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 static REMOVED_AT_EXIT: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
