@@ -21,7 +21,7 @@ group=${GROUP:-64}
 threads=${THREADS:-2}
 work=${QFORGE_BENCH_DIR:-target/bench}/calibrated-memory
 fixture=${QFORGE_FIXTURE:-target/fixtures/SmolLM2-135M-Instruct.Q4_1.gguf}
-[ -e "$fixture" ] || { echo "error: $fixture not found (run scripts/fetch_fixtures.sh)" >&2; exit 1; }
+[ -e "$fixture" ] || { echo "error: $fixture not found (run scripts/fetch-fixtures.sh)" >&2; exit 1; }
 if [ -z "${QFORGE_BIN:-}" ]; then
     cargo build --release --quiet --bin qforge
 fi

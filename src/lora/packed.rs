@@ -187,7 +187,7 @@ impl Linears<'_> {
                 .with_context(|| format!("{}: GPTQ on the merged {}", source.path.display(), t.name))?;
             export.linear(&st.gguf_name, &q.weight)?;
             merged.push((i, self.summary(t, w, &norms)));
-            QuantizedLinear::grouped(&q.weight)
+            QuantizedLinear::grouped(q.weight)
         })?;
         if handed_over != by_gguf_name.len() {
             bail!(

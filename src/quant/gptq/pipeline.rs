@@ -113,15 +113,15 @@ pub enum QuantizedLinear {
 
 impl QuantizedLinear {
     /// The GPTQ/RTN grid result as the packed kernel runs it.
-    pub fn grouped(q: &GroupQuantized) -> Result<Self> {
+    pub fn grouped(q: GroupQuantized) -> Result<Self> {
         let w = UnpackedWeights {
             out_features: q.rows,
             in_features: q.cols,
             bits: q.bits,
-            codes: q.codes.clone(),
-            zeros: q.zeros.clone(),
-            scales: q.scales.clone(),
-            g_idx: q.g_idx.clone(),
+            codes: q.codes,
+            zeros: q.zeros,
+            scales: q.scales,
+            g_idx: q.g_idx,
         };
         Ok(Self::Grouped(Arc::new(PackedLinear::new(&w).map_err(anyhow::Error::msg)?)))
     }
@@ -144,7 +144,7 @@ pub fn quantize(
         loss += output.loss;
         max_damp = max_damp.max(output.damp);
         sink(job.name, &output)?;
-        QuantizedLinear::grouped(&output.weight)
+        QuantizedLinear::grouped(output.weight)
     })?;
     Ok(PipelineReport { loss, max_damp, ..report })
 }
